@@ -1,0 +1,75 @@
+"""The `softswitch` command: `run` the service, `check-config` a YAML file.
+
+uvloop is chosen here, once, for the whole process: the protocol code never cares which loop
+runs it, and tests may use the stock one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from pathlib import Path
+
+from dialplan import ConfigError, default_config_path, load_config
+
+from . import __version__
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="softswitch", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"softswitch {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the service")
+    run.add_argument("--config", type=Path, help="YAML config (default: the embedded demo config)")
+    check = sub.add_parser("check-config", help="validate a config file and print its errors")
+    check.add_argument("file", type=Path)
+    args = parser.parse_args(argv)
+    if args.command == "check-config":
+        return check_config(args.file)
+    return run_service(args.config)
+
+
+def check_config(path: Path) -> int:
+    try:
+        cfg = load_config(path)
+    except ConfigError as exc:
+        for issue in exc.issues:
+            print(issue, file=sys.stderr)
+        return 1
+    print(f"{path}: OK ({len(cfg.users)} users, {len(cfg.delegations)} delegations)")
+    return 0
+
+
+def run_service(config_path: Path | None) -> int:
+    from . import logs
+    from .service import Service, ServiceError
+
+    embedded = config_path is None
+    path = default_config_path() if config_path is None else config_path
+    try:
+        # The embedded default lives inside the package: its data_dir is relative to the cwd.
+        cfg = load_config(path, data_dir_base=Path.cwd() if embedded else None)
+    except ConfigError as exc:
+        for issue in exc.issues:
+            print(issue, file=sys.stderr)
+        return 1
+    logs.configure(cfg.log.level, cfg.log.format)
+    try:
+        import uvloop
+
+        runner = uvloop.run
+    except ImportError:  # pragma: no cover - uvloop is a dependency; keep running without it
+        runner = asyncio.run
+    service = Service(cfg, path, data_dir_base=Path.cwd() if embedded else None)
+    try:
+        return runner(service.run_forever())
+    except ServiceError as exc:
+        print(f"softswitch: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

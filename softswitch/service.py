@@ -1,0 +1,329 @@
+"""The running service: wires transports, the transaction layer, the registrar and the store.
+
+Lifecycle as in aiohttp's runner: `start()` opens the store, loads bindings and binds the
+listeners; `stop()` undoes it in reverse; `run_forever()` adds SIGHUP (reload, keeping the last
+good config) and SIGTERM/SIGINT (clean stop). The protocol objects never see the loop: this
+module feeds them bytes and `loop.time()`, sends what they emit and keeps one timer armed at
+their earliest deadline (the aioquic pattern).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from pathlib import Path
+
+import structlog
+
+from dialplan import Config, ConfigError, load_config
+
+from .directory import Directory
+from .registrar import AuthResult, Bindings, Outcome, Registrar, RegistrarPolicy
+from .sip.digest import Algorithm, DigestAuthenticator
+from .sip.errorreply import error_response
+from .sip.errors import ParseError
+from .sip.message import REASONS, Request, Response, parse_message
+from .sip.transaction import Address, ServerTransaction
+from .sip.transaction_layer import AckReceived, RequestReceived, TransactionLayer
+from .sip.uri import SipUri
+from .store.sqlite import SqliteStore, StoreError
+from .throttle import FailureThrottle
+from .transport import TransportError, TransportManager
+
+log = structlog.get_logger("softswitch")
+
+ALLOW = "INVITE, ACK, CANCEL, BYE, OPTIONS, REGISTER, REFER, NOTIFY, SUBSCRIBE, UPDATE, INFO"
+SUPPORTED: frozenset[str] = frozenset()
+HOUSEKEEPING_INTERVAL = 30.0
+
+
+class ServiceError(Exception):
+    """The service cannot start (a port in use, the data directory unwritable)."""
+
+
+class Service:
+    """One softswitch instance."""
+
+    def __init__(self, cfg: Config, config_path: Path, data_dir_base: Path | None = None) -> None:
+        self.cfg = cfg
+        self.config_path = config_path
+        self.data_dir_base = data_dir_base
+        self.layer = TransactionLayer()
+        self.transports = TransportManager(
+            self._on_message, cfg.max_message_size, self._on_framing_error
+        )
+        self.store = SqliteStore(cfg.data_dir / "softswitch.db")
+        self.bindings = Bindings()
+        self.throttle = FailureThrottle()
+        self.registrar = self._make_registrar(cfg, None)
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
+        self._stopping: asyncio.Event | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._housekeeping: asyncio.Task[None] | None = None
+
+    # --- lifecycle --------------------------------------------------------------------------
+    async def start(self) -> None:
+        try:
+            await self.store.open()
+            self.bindings.load(await self.store.load_bindings(time.time()))
+        except (StoreError, OSError) as exc:
+            raise ServiceError(f"cannot open the data store: {exc}") from exc
+        try:
+            for spec in self.cfg.listen:
+                await self.transports.listen(spec.transport, str(spec.host), spec.port)
+        except TransportError as exc:
+            await self.transports.close()
+            await self.store.close()
+            raise ServiceError(str(exc)) from exc
+        self._housekeeping = asyncio.get_running_loop().create_task(self._housekeep())
+        log.info(
+            "service_started",
+            listen=[f"{a.transport}:{a.host}:{a.port}" for a in self.transports.local],
+            bindings=len(self.bindings),
+            data_dir=str(self.cfg.data_dir),
+        )
+
+    async def stop(self) -> None:
+        if self._housekeeping is not None:
+            self._housekeeping.cancel()
+        await self.transports.close()
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=5)
+        if self._timer is not None:
+            self._timer.cancel()
+        await self.store.close()
+        log.info("service_stopped")
+
+    async def run_forever(self) -> int:
+        self._stopping = asyncio.Event()
+        await self.start()
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, self._stopping.set)
+        loop.add_signal_handler(signal.SIGINT, self._stopping.set)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        await self._stopping.wait()
+        await self.stop()
+        return 0
+
+    def reload(self) -> None:
+        """SIGHUP: load the config again; keep the running one if the new one is invalid."""
+        try:
+            cfg = load_config(self.config_path, data_dir_base=self.data_dir_base)
+        except ConfigError as exc:
+            log.error(
+                "config_reload_failed",
+                file=str(self.config_path),
+                issues=[str(i) for i in exc.issues],
+            )
+            return
+        if [str(s) for s in cfg.listen] != [
+            str(s) for s in self.cfg.listen
+        ] or cfg.data_dir != self.cfg.data_dir:
+            log.warning("config_reload_needs_restart", changed="listen or data_dir")
+        self.registrar = self._make_registrar(cfg, self.registrar.auth)
+        self.cfg = cfg
+        log.info("config_reloaded", file=str(self.config_path), users=len(cfg.users))
+
+    def _make_registrar(self, cfg: Config, auth: DigestAuthenticator | None) -> Registrar:
+        directory = Directory.from_config(cfg)
+        algorithms = tuple(Algorithm(a) for a in cfg.auth.algorithms)
+        if auth is None or auth.realm != cfg.realm or auth.algorithms != algorithms:
+            auth = DigestAuthenticator(cfg.realm, algorithms, cfg.auth.nonce_ttl)
+        auth.nonce_ttl = cfg.auth.nonce_ttl
+        self.throttle.max_failures = cfg.auth.max_failures
+        self.throttle.window = cfg.auth.failure_window
+        self.throttle.block_time = cfg.auth.block_time
+        r = cfg.registrar
+        policy = RegistrarPolicy(r.min_expires, r.max_expires, r.default_expires)
+        return Registrar(directory, auth, policy, self.bindings)
+
+    async def _housekeep(self) -> None:
+        while True:
+            await asyncio.sleep(HOUSEKEEPING_INTERVAL)
+            now = time.time()
+            gone = self.bindings.expire(now)
+            if gone:
+                try:
+                    await self.store.save_bindings([], gone)
+                except StoreError as exc:
+                    log.error("store_purge_failed", error=str(exc))
+                log.info("bindings_expired", count=len(gone))
+            self.registrar.auth.forget_expired(now)
+            self.throttle.prune(now)
+
+    # --- the SIP pump -----------------------------------------------------------------------
+    def _on_message(self, data: bytes, source: Address) -> None:
+        now = time.time()
+        if self.throttle.blocked(source.host, now):
+            return
+        try:
+            msg = parse_message(data, stream=source.transport != "udp")
+        except ParseError as exc:
+            self._reject_malformed(data, source, exc)
+            return
+        self.layer.receive(msg, source, self._loop_time())
+        self._pump()
+
+    def _on_framing_error(self, data: bytes, source: Address, exc: ParseError) -> None:
+        self._reject_malformed(data, source, exc)
+
+    def _reject_malformed(self, data: bytes, source: Address, exc: ParseError) -> None:
+        reply = error_response(data, exc.status, _reason(exc.status))
+        log.info(
+            "sip_malformed",
+            peer=f"{source.transport}:{source.host}:{source.port}",
+            status=exc.status if reply else None,
+            reason=exc.reason,
+        )
+        if reply is not None:
+            self.transports.send(reply, source)
+
+    def _pump(self) -> None:
+        """Handle every event the transaction layer produced, send its bytes, re-arm the timer."""
+        layer = self.layer
+        while (event := layer.next_event()) is not None:
+            if isinstance(event, RequestReceived):
+                self._on_request(event.txn, event.request, event.source)
+            elif isinstance(event, AckReceived):
+                pass  # dialogs arrive with the call layer
+        for data, dest in layer.datagrams_to_send():
+            self.transports.send(data, dest)
+        self._arm_timer()
+
+    def _arm_timer(self) -> None:
+        deadline = self.layer.get_timer()
+        if deadline is None or (self._timer_at is not None and self._timer_at <= deadline):
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = deadline
+        self._timer = asyncio.get_running_loop().call_at(deadline, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_at = None
+        self.layer.handle_timer(self._loop_time())
+        self._pump()
+
+    @staticmethod
+    def _loop_time() -> float:
+        return asyncio.get_running_loop().time()
+
+    # --- requests ---------------------------------------------------------------------------
+    def _on_request(self, txn: ServerTransaction, req: Request, source: Address) -> None:
+        early = self._precheck(req)
+        if early is not None:
+            self._respond(txn, req, early, source)
+            return
+        if req.method == "REGISTER":
+            self._on_register(txn, req, source)
+        elif req.method == "OPTIONS":
+            resp = req.make_response(200, "OK")
+            resp.headers.add("Allow", ALLOW)
+            resp.headers.add("Accept", "application/sdp")
+            self._respond(txn, req, resp, source)
+        elif req.method == "ACK":
+            return
+        else:
+            resp = req.make_response(501, "Not Implemented")
+            resp.headers.add("Allow", ALLOW)
+            self._respond(txn, req, resp, source)
+
+    def _precheck(self, req: Request) -> Response | None:
+        """Checks that apply to every request before any work (RFC 4475 §3.3)."""
+        if req.uri.scheme not in ("sip", "sips", "tel") and req.method != "ACK":
+            resp = req.make_response(416, "Unsupported URI Scheme")
+            return resp
+        required = [r for r in req.headers.get_all("require") if r.lower() not in SUPPORTED]
+        if required and req.method not in ("ACK", "CANCEL"):
+            resp = req.make_response(420, "Bad Extension")
+            resp.headers.add("Unsupported", ", ".join(required))
+            return resp
+        return None
+
+    def _on_register(self, txn: ServerTransaction, req: Request, source: Address) -> None:
+        now = time.time()
+        if not isinstance(req.uri, SipUri):
+            self._respond(txn, req, req.make_response(416, "Unsupported URI Scheme"), source)
+            return
+        try:
+            outcome = self.registrar.handle(
+                req, f"{source.transport}:{source.host}:{source.port}", now
+            )
+        except ParseError as exc:
+            self._respond(
+                txn,
+                req,
+                req.make_response(exc.status, _reason(exc.status)),
+                source,
+                detail=exc.reason,
+            )
+            return
+        if outcome.auth is AuthResult.FAILED and self.throttle.record_failure(source.host, now):
+            log.warning("auth_source_blocked", peer=source.host, seconds=self.throttle.block_time)
+        if outcome.upserts or outcome.deletes:
+            task = asyncio.get_running_loop().create_task(
+                self._persist_then_respond(txn, req, outcome, source)
+            )
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+            return
+        self._respond(txn, req, outcome.response, source, event=outcome.event, user=outcome.user)
+
+    async def _persist_then_respond(
+        self, txn: ServerTransaction, req: Request, outcome: Outcome, source: Address
+    ) -> None:
+        """Group commit: the 200 leaves only once the binding is on disk."""
+        try:
+            await self.store.save_bindings(outcome.upserts, outcome.deletes)
+        except StoreError as exc:
+            log.error("store_write_failed", call_id=req.call_id, error=str(exc))
+            # Memory already changed: the disk is the truth, so reload it.
+            await self._reload_bindings()
+            resp = req.make_response(500, "Server Internal Error")
+            resp.headers.add("Retry-After", "5")
+            self._respond(txn, req, resp, source, event="register_store_failed")
+            self._pump()
+            return
+        self._respond(txn, req, outcome.response, source, event=outcome.event, user=outcome.user)
+        self._pump()
+
+    async def _reload_bindings(self) -> None:
+        try:
+            self.bindings.replace_all(await self.store.load_bindings(time.time()))
+        except StoreError as exc:
+            log.error("store_reload_failed", error=str(exc))
+
+    def _respond(
+        self,
+        txn: ServerTransaction,
+        req: Request,
+        resp: Response,
+        source: Address,
+        *,
+        event: str = "sip_request",
+        user: str | None = None,
+        detail: str | None = None,
+    ) -> None:
+        self.layer.send_response(txn, resp, self._loop_time())
+        if resp.status >= 200:
+            log.info(
+                event,
+                method=req.method,
+                status=resp.status,
+                call_id=req.call_id,
+                user=user,
+                peer=f"{source.transport}:{source.host}:{source.port}",
+                **({"detail": detail} if detail else {}),
+            )
+        self._pump_datagrams()
+
+    def _pump_datagrams(self) -> None:
+        for data, dest in self.layer.datagrams_to_send():
+            self.transports.send(data, dest)
+
+
+def _reason(status: int) -> str:
+    return REASONS.get(status, "Bad Request")

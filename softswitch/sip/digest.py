@@ -1,0 +1,247 @@
+"""HTTP Digest authentication for SIP (RFC 3261 §22, RFC 8760: MD5 and SHA-256, qop=auth).
+
+Nonces are stateless: a timestamp and random bytes signed with a per-process secret, so that any
+nonce we issued can be checked without a table, and one that is too old gets `stale=true` (the
+phone retries with the same password, the user sees nothing). What does need state is replay
+protection: the highest nonce-count seen per nonce, kept only for the nonce's lifetime.
+
+Passwords are never hashed per request: `Credentials` precompute HA1 per algorithm once, when
+the config is loaded.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import os
+import struct
+from collections import OrderedDict
+from collections.abc import Iterable
+from dataclasses import dataclass
+from enum import Enum, StrEnum
+
+from .errors import ParseError
+from .syntax import WS, quoted_end, split_outside, unquote
+
+
+class Algorithm(StrEnum):
+    MD5 = "MD5"
+    SHA256 = "SHA-256"
+
+    def hash(self, data: str) -> str:
+        raw = data.encode("utf-8", "surrogateescape")
+        if self is Algorithm.MD5:
+            return hashlib.md5(raw, usedforsecurity=False).hexdigest()
+        return hashlib.sha256(raw).hexdigest()
+
+
+def ha1(username: str, realm: str, password: str, algorithm: Algorithm) -> str:
+    return algorithm.hash(f"{username}:{realm}:{password}")
+
+
+@dataclass(frozen=True, slots=True)
+class DigestResponse:
+    """The parsed parameters of an `Authorization`/`Proxy-Authorization: Digest ...` header."""
+
+    username: str
+    realm: str
+    nonce: str
+    uri: str
+    response: str
+    algorithm: Algorithm
+    qop: str | None = None
+    nc: str | None = None
+    cnonce: str | None = None
+    opaque: str | None = None
+
+
+def parse_authorization(value: str) -> DigestResponse:
+    """Parse a Digest credentials header; a malformed one is a 400."""
+    scheme, _, rest = value.strip(WS).partition(" ")
+    if scheme.lower() != "digest":
+        raise ParseError(f"unsupported authorization scheme {scheme!r}")
+    params: dict[str, str] = {}
+    for part in split_outside(rest, ","):
+        name, eq, raw = part.partition("=")
+        name = name.strip(WS).lower()
+        raw = raw.strip(WS)
+        if not name or not eq:
+            if not part.strip(WS):
+                continue
+            raise ParseError(f"malformed digest parameter {part!r}")
+        if raw.startswith('"'):
+            if quoted_end(raw, 0) != len(raw):
+                raise ParseError(f"malformed digest parameter {part!r}")
+            raw = unquote(raw)
+        params[name] = raw
+    try:
+        algorithm = Algorithm(params.get("algorithm", "MD5").upper())
+        return DigestResponse(
+            username=params["username"], realm=params["realm"], nonce=params["nonce"],
+            uri=params["uri"], response=params["response"].lower(), algorithm=algorithm,
+            qop=params.get("qop"), nc=params.get("nc"), cnonce=params.get("cnonce"),
+            opaque=params.get("opaque"),
+        )  # fmt: skip
+    except KeyError as exc:
+        raise ParseError(f"digest parameter {exc.args[0]} missing") from None
+    except ValueError:
+        raise ParseError(f"unsupported digest algorithm {params.get('algorithm')!r}") from None
+
+
+class Verdict(Enum):
+    """Outcome of checking credentials; the registrar maps these to SIP responses."""
+
+    OK = "ok"
+    STALE = "stale"  # our nonce, too old, or not ours (e.g. from before a restart): re-challenge
+    REPLAY = "replay"  # nonce-count not increasing: re-challenge, never accept
+    FAILED = "failed"  # wrong password or unknown user: indistinguishable by design
+    MALFORMED = "malformed"  # no qop=auth, realm mismatch, missing cnonce/nc
+
+
+@dataclass(frozen=True, slots=True)
+class Credentials:
+    """One user's precomputed HA1 values, per algorithm."""
+
+    username: str
+    ha1: dict[Algorithm, str]
+
+
+def credentials_for(
+    username: str, password: str, realm: str, algorithms: Iterable[Algorithm]
+) -> Credentials:
+    return Credentials(username, {a: ha1(username, realm, password, a) for a in algorithms})
+
+
+class DigestAuthenticator:
+    """Issues challenges and checks responses for one realm.
+
+    Sans-I/O: the caller passes `now`; the secret and random bytes come from `os.urandom` unless
+    injected (tests).
+    """
+
+    def __init__(
+        self,
+        realm: str,
+        algorithms: Iterable[Algorithm] = (Algorithm.SHA256, Algorithm.MD5),
+        nonce_ttl: float = 300.0,
+        secret: bytes | None = None,
+        max_tracked_nonces: int = 200_000,
+    ) -> None:
+        self.realm = realm
+        self.algorithms = tuple(algorithms)
+        self.nonce_ttl = nonce_ttl
+        self._secret = secret if secret is not None else os.urandom(32)
+        self._nc_seen: OrderedDict[str, int] = OrderedDict()
+        self._max_tracked = max_tracked_nonces
+        # Unknown users are checked against this throwaway HA1 so they cost what a real one does.
+        self._decoy = credentials_for("\x00decoy", os.urandom(16).hex(), realm, self.algorithms)
+
+    # --- challenges ---------------------------------------------------------------------
+    def new_nonce(self, now: float) -> str:
+        stamp = struct.pack("!Q", int(now * 1000)) + os.urandom(8)
+        mac = hmac.new(self._secret, stamp, hashlib.sha256).digest()[:12]
+        return base64.urlsafe_b64encode(stamp + mac).decode("ascii")
+
+    def challenges(self, now: float, stale: bool = False) -> list[str]:
+        """One `Digest` challenge per algorithm, in order of preference (RFC 8760 §2.4)."""
+        nonce = self.new_nonce(now)
+        tail = ", stale=true" if stale else ""
+        return [
+            f'Digest realm="{self.realm}", nonce="{nonce}", algorithm={a.value}, qop="auth"{tail}'
+            for a in self.algorithms
+        ]
+
+    # --- verification -------------------------------------------------------------------
+    def verify(
+        self, cred: DigestResponse, method: str, user: Credentials | None, now: float
+    ) -> Verdict:
+        """Check `cred` for a request with `method`; `user` None means no such user.
+
+        The order matters: nonce freshness first (so a phone with the right password is never
+        told "forbidden" after a restart), then the hash (the same work for unknown users), and
+        the nonce-count last, so a replay of a captured request fails even with a valid hash.
+        """
+        if cred.realm != self.realm or cred.algorithm not in self.algorithms:
+            return Verdict.MALFORMED
+        if cred.qop != "auth" or not cred.cnonce or not cred.nc or len(cred.nc) != 8:
+            return Verdict.MALFORMED
+        try:
+            nc = int(cred.nc, 16)
+        except ValueError:
+            return Verdict.MALFORMED
+        if not self._nonce_fresh(cred.nonce, now):
+            return Verdict.STALE
+        ha1_value = (user or self._decoy).ha1.get(cred.algorithm) or self._decoy.ha1[cred.algorithm]
+        ha2 = cred.algorithm.hash(f"{method}:{cred.uri}")
+        expected = cred.algorithm.hash(
+            f"{ha1_value}:{cred.nonce}:{cred.nc}:{cred.cnonce}:{cred.qop}:{ha2}"
+        )
+        if user is None or not hmac.compare_digest(expected, cred.response):
+            return Verdict.FAILED
+        if not self._advance_nc(cred.nonce, nc):
+            return Verdict.REPLAY
+        return Verdict.OK
+
+    def _nonce_fresh(self, nonce: str, now: float) -> bool:
+        try:
+            raw = base64.urlsafe_b64decode(nonce.encode("ascii"))
+        except (ValueError, UnicodeEncodeError):
+            return False
+        if len(raw) != 28:
+            return False
+        stamp, mac = raw[:16], raw[16:]
+        if not hmac.compare_digest(
+            hmac.new(self._secret, stamp, hashlib.sha256).digest()[:12], mac
+        ):
+            return False
+        issued = struct.unpack("!Q", stamp[:8])[0] / 1000
+        return 0 <= now - issued <= self.nonce_ttl
+
+    def _advance_nc(self, nonce: str, nc: int) -> bool:
+        last = self._nc_seen.get(nonce, 0)
+        if nc <= last:
+            return False
+        self._nc_seen[nonce] = nc
+        self._nc_seen.move_to_end(nonce)
+        while len(self._nc_seen) > self._max_tracked:
+            # Oldest first: those nonces are the first to go stale anyway.
+            self._nc_seen.popitem(last=False)
+        return True
+
+    def forget_expired(self, now: float) -> None:
+        """Drop nonce-count entries of nonces that can no longer be used (called periodically)."""
+        for nonce in list(self._nc_seen):
+            if self._nonce_fresh(nonce, now):
+                break
+            del self._nc_seen[nonce]
+
+
+def authorization_header_value(cred: DigestResponse) -> str:
+    """Serialise credentials (used by tests and by our own client legs)."""
+    parts = [
+        f'username="{cred.username}"', f'realm="{cred.realm}"', f'nonce="{cred.nonce}"',
+        f'uri="{cred.uri}"', f'response="{cred.response}"', f"algorithm={cred.algorithm.value}",
+    ]  # fmt: skip
+    if cred.qop:
+        parts += [f"qop={cred.qop}", f"nc={cred.nc}", f'cnonce="{cred.cnonce}"']
+    if cred.opaque is not None:
+        parts.append(f'opaque="{cred.opaque}"')
+    return "Digest " + ", ".join(parts)
+
+
+def compute_response(
+    username: str,
+    password: str,
+    realm: str,
+    nonce: str,
+    method: str,
+    uri: str,
+    algorithm: Algorithm,
+    nc: str,
+    cnonce: str,
+) -> str:
+    """The client side of the computation, for tests and client legs."""
+    ha2 = algorithm.hash(f"{method}:{uri}")
+    ha1_value = ha1(username, realm, password, algorithm)
+    return algorithm.hash(f"{ha1_value}:{nonce}:{nc}:{cnonce}:auth:{ha2}")
