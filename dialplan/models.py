@@ -393,14 +393,17 @@ class Algorithm(StrEnum):
 class Auth(_Model):
     """Digest authentication and brute-force throttling.
 
-    ``algorithms`` is the order challenges are offered in; phones take the
-    first they support, so put the strongest first. After ``max_failures``
+    ``algorithms`` is the order challenges are offered in. The default is MD5
+    alone: baresip 1.0.0 fails a REGISTER whose 401 carries any SHA-256
+    challenge, and SIPp 3.6.1 answers only the first challenge and knows only
+    MD5 (docs/decisions.md D3). Sites whose phones all do RFC 8760 list
+    ``[SHA-256, MD5]``. After ``max_failures``
     failed attempts from one source IP within ``failure_window`` seconds, that
     source is refused for ``block_time`` seconds (0 disables blocking).
     """
 
     realm: Text | None = None
-    algorithms: tuple[Algorithm, ...] = (Algorithm.SHA_256, Algorithm.MD5)
+    algorithms: tuple[Algorithm, ...] = (Algorithm.MD5,)
     nonce_ttl: Annotated[Int, Field(ge=10, le=86400)] = 300
     qop: Literal["auth"] = "auth"
     max_failures: Annotated[Int, Field(ge=1)] = 10

@@ -17,15 +17,28 @@ from pathlib import Path
 import structlog
 
 from dialplan import Config, ConfigError, load_config
+from media.relay import MediaManager
 
+from .call_control import CallControl
+from .call_setup import CallSetup
+from .calls import B2BUA
 from .directory import Directory
+from .lines import LineBus
 from .registrar import AuthResult, Bindings, Outcome, Registrar, RegistrarPolicy
 from .sip.digest import Algorithm, DigestAuthenticator
 from .sip.errorreply import error_response
 from .sip.errors import ParseError
 from .sip.message import REASONS, Request, Response, parse_message
-from .sip.transaction import Address, ServerTransaction
-from .sip.transaction_layer import AckReceived, RequestReceived, TransactionLayer
+from .sip.transaction import Address, ClientTransaction, ServerTransaction
+from .sip.transaction_layer import (
+    AckReceived,
+    AckTimeout,
+    RequestReceived,
+    ResponseReceived,
+    StrayResponse,
+    TransactionLayer,
+    TransactionTimeout,
+)
 from .sip.uri import SipUri
 from .store.sqlite import SqliteStore, StoreError
 from .throttle import FailureThrottle
@@ -57,6 +70,21 @@ class Service:
         self.bindings = Bindings()
         self.throttle = FailureThrottle()
         self.registrar = self._make_registrar(cfg, None)
+        self.bus = LineBus()
+        self.media = MediaManager(str(cfg.media.address), cfg.media.ports.low, cfg.media.ports.high)
+        self.b2bua = B2BUA(
+            self.layer, self.media, self.bus, self._local_address, self._flush, self._loop_time
+        )
+        self.calls = CallControl(
+            self.layer,
+            self.b2bua,
+            self._make_setup(cfg),
+            self.store,
+            self.throttle,
+            self._respond,
+            cfg,
+        )
+        self._pumping = False
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._stopping: asyncio.Event | None = None
@@ -68,6 +96,7 @@ class Service:
         try:
             await self.store.open()
             self.bindings.load(await self.store.load_bindings(time.time()))
+            await self.calls.load_state()
         except (StoreError, OSError) as exc:
             raise ServiceError(f"cannot open the data store: {exc}") from exc
         try:
@@ -89,6 +118,7 @@ class Service:
         if self._housekeeping is not None:
             self._housekeeping.cancel()
         await self.transports.close()
+        await self.media.close()
         if self._tasks:
             await asyncio.wait(self._tasks, timeout=5)
         if self._timer is not None:
@@ -123,6 +153,8 @@ class Service:
         ] or cfg.data_dir != self.cfg.data_dir:
             log.warning("config_reload_needs_restart", changed="listen or data_dir")
         self.registrar = self._make_registrar(cfg, self.registrar.auth)
+        self.calls.setup = self._make_setup(cfg)
+        self.calls.cfg = cfg
         self.cfg = cfg
         log.info("config_reloaded", file=str(self.config_path), users=len(cfg.users))
 
@@ -138,6 +170,16 @@ class Service:
         r = cfg.registrar
         policy = RegistrarPolicy(r.min_expires, r.max_expires, r.default_expires)
         return Registrar(directory, auth, policy, self.bindings)
+
+    def _make_setup(self, cfg: Config) -> CallSetup:
+        return CallSetup(cfg, self.registrar.directory, self.registrar.auth, self.bindings)
+
+    def _local_address(self, transport: str) -> Address:
+        """Our listening address for `transport`: what goes into Via and Contact."""
+        for local in self.transports.local:
+            if local.transport == transport:
+                return local
+        return self.transports.local[0]
 
     async def _housekeep(self) -> None:
         while True:
@@ -181,20 +223,47 @@ class Service:
             self.transports.send(reply, source)
 
     def _pump(self) -> None:
-        """Handle every event the transaction layer produced, send its bytes, re-arm the timer."""
-        layer = self.layer
-        while (event := layer.next_event()) is not None:
-            if isinstance(event, RequestReceived):
-                self._on_request(event.txn, event.request, event.source)
-            elif isinstance(event, AckReceived):
-                pass  # dialogs arrive with the call layer
-        for data, dest in layer.datagrams_to_send():
-            self.transports.send(data, dest)
+        """Handle every event the transaction layer produced, send its bytes, re-arm the timer.
+
+        Re-entrant calls (a handler that sends and flushes) only send: the outer loop drains
+        whatever events they caused.
+        """
+        if self._pumping:
+            self._pump_datagrams()
+            return
+        self._pumping = True
+        try:
+            while (event := self.layer.next_event()) is not None:
+                self._dispatch(event)
+                self._pump_datagrams()
+        finally:
+            self._pumping = False
+        self._pump_datagrams()
         self._arm_timer()
 
+    def _flush(self) -> None:
+        self._pump()
+
+    def _dispatch(self, event: object) -> None:
+        if isinstance(event, RequestReceived):
+            self._on_request(event.txn, event.request, event.source)
+        elif isinstance(event, ResponseReceived):
+            self.calls.on_response(event.txn, event.response)
+        elif isinstance(event, AckReceived):
+            self.calls.on_ack(event.request)
+        elif isinstance(event, AckTimeout):
+            log.warning("ack_timeout", call_id=event.txn.request.call_id)
+        elif isinstance(event, TransactionTimeout) and isinstance(event.txn, ClientTransaction):
+            self.calls.on_timeout(event.txn)
+        elif isinstance(event, StrayResponse):
+            self.calls.on_stray(event.response)
+
     def _arm_timer(self) -> None:
-        deadline = self.layer.get_timer()
-        if deadline is None or (self._timer_at is not None and self._timer_at <= deadline):
+        deadlines = [d for d in (self.layer.get_timer(), self.b2bua.get_timer()) if d is not None]
+        if not deadlines:
+            return
+        deadline = min(deadlines)
+        if self._timer_at is not None and self._timer_at <= deadline:
             return
         if self._timer is not None:
             self._timer.cancel()
@@ -204,7 +273,9 @@ class Service:
     def _on_timer(self) -> None:
         self._timer = None
         self._timer_at = None
-        self.layer.handle_timer(self._loop_time())
+        now = self._loop_time()
+        self.layer.handle_timer(now)
+        self.b2bua.handle_timer(now)
         self._pump()
 
     @staticmethod
@@ -216,6 +287,8 @@ class Service:
         early = self._precheck(req)
         if early is not None:
             self._respond(txn, req, early, source)
+            return
+        if self.calls.on_request(txn, req, source):
             return
         if req.method == "REGISTER":
             self._on_register(txn, req, source)

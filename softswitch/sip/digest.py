@@ -195,7 +195,7 @@ class DigestAuthenticator:
             hmac.new(self._secret, stamp, hashlib.sha256).digest()[:12], mac
         ):
             return False
-        issued = struct.unpack("!Q", stamp[:8])[0] / 1000
+        issued: float = struct.unpack("!Q", stamp[:8])[0] / 1000
         return 0 <= now - issued <= self.nonce_ttl
 
     def _advance_nc(self, nonce: str, nc: int) -> bool:

@@ -13,7 +13,7 @@ class SipError(Exception):
 
 
 class RemoteProtocolError(SipError):
-    """The peer sent something that breaks RFC 3261; answer with `status` when a response is possible."""
+    """The peer broke RFC 3261; answer with `status` when a response is possible."""
 
     def __init__(self, reason: str, status: int = 400) -> None:
         super().__init__(reason)

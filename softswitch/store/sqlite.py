@@ -38,6 +38,12 @@ CREATE TABLE IF NOT EXISTS bindings (
     q REAL,
     PRIMARY KEY (aor, uri)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS user_flags (
+    user TEXT NOT NULL,
+    flag TEXT NOT NULL,
+    line TEXT NOT NULL DEFAULT '',
+    PRIMARY KEY (user, flag, line)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 INSERT OR IGNORE INTO meta VALUES ('schema_version', '1');
 """
@@ -186,6 +192,27 @@ class SqliteStore:
             return conn.execute("DELETE FROM bindings WHERE expires_at <= ?", (now,)).rowcount
 
         return await self._submit(purge)
+
+    # --- user flags (DND, ring opt-out) ---------------------------------------------------
+    async def load_user_flags(self) -> list[tuple[str, str, str]]:
+        def load(conn: sqlite3.Connection) -> list[tuple[str, str, str]]:
+            return conn.execute("SELECT user, flag, line FROM user_flags").fetchall()
+
+        return await self._submit(load)
+
+    async def set_user_flag(self, user: str, flag: str, line: str, on: bool) -> None:
+        def save(conn: sqlite3.Connection) -> None:
+            if on:
+                conn.execute(
+                    "INSERT OR IGNORE INTO user_flags VALUES (?, ?, ?)", (user, flag, line)
+                )
+            else:
+                conn.execute(
+                    "DELETE FROM user_flags WHERE user = ? AND flag = ? AND line = ?",
+                    (user, flag, line),
+                )
+
+        await self._submit(save)
 
 
 def _resolve(fut: asyncio.Future[Any], value: Any) -> None:

@@ -154,7 +154,8 @@ def test_contract_example_loads() -> None:
     assert cfg.ring_time_for("1001") == 30
     assert (cfg.registrar.min_expires, cfg.registrar.default_expires) == (60, 3600)
     assert cfg.registrar.max_expires == 7200
-    assert cfg.auth.algorithms == (Algorithm.SHA_256, Algorithm.MD5)
+    # MD5 alone by default: baresip 1.0 and SIPp 3.6 fail on any SHA-256 challenge.
+    assert cfg.auth.algorithms == (Algorithm.MD5,)
     assert (cfg.auth.nonce_ttl, cfg.auth.qop) == (300, "auth")
     assert (cfg.auth.max_failures, cfg.auth.failure_window, cfg.auth.block_time) == (10, 60, 60)
     assert cfg.realm == "example.test"
@@ -968,3 +969,13 @@ def test_domain_forms() -> None:
     assert load(HEAD.replace("example.test", '"[::1]"') + USERS).domain == "[::1]"
     issue = problem(HEAD.replace("example.test", "bad_domain!") + USERS)
     assert (issue.field, issue.line) == ("domain", 1)
+
+
+def test_sha256_can_be_offered_first() -> None:
+    cfg = load_config_text(
+        "domain: example.test\nlisten: [udp:127.0.0.1:5060]\n"
+        "media: {address: 127.0.0.1, ports: 20000-20999}\n"
+        'users: [{extension: "1001", name: A, password: p}]\n'
+        "auth: {algorithms: [SHA-256, MD5]}\n"
+    )
+    assert cfg.auth.algorithms == (Algorithm.SHA_256, Algorithm.MD5)

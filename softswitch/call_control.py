@@ -1,0 +1,201 @@
+"""Call control: routes call-related transaction events to call setup, the B2BUA and features.
+
+The service hands it every INVITE, CANCEL, ACK and in-dialog request and every response or
+timeout of a client transaction; it decides which component answers. Per-user runtime state that
+feature codes change (do-not-disturb, opting out of a line's ringing) lives here and persists in
+the store, so a restart keeps a delegate's choice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+import structlog
+
+from dialplan import Config
+
+from .call_setup import Admit, CallSetup, Feature, Refuse
+from .calls import B2BUA
+from .sip.message import Request, Response
+from .sip.transaction import Address, ClientTransaction, ServerTransaction
+from .sip.transaction_layer import TransactionLayer
+from .store import Store
+from .throttle import FailureThrottle
+
+log = structlog.get_logger("softswitch.calls")
+
+Respond = Callable[..., None]
+
+
+class CallControl:
+    def __init__(
+        self,
+        layer: TransactionLayer,
+        b2bua: B2BUA,
+        setup: CallSetup,
+        store: Store,
+        throttle: FailureThrottle,
+        respond: Respond,
+        cfg: Config,
+    ) -> None:
+        self.layer = layer
+        self.b2bua = b2bua
+        self.setup = setup
+        self.store = store
+        self.throttle = throttle
+        self.respond = respond
+        self.cfg = cfg
+        self.opted_out: set[tuple[str, str]] = set()
+        self.dnd: set[str] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def load_state(self) -> None:
+        flags = await self.store.load_user_flags()
+        self.opted_out = {(line, user) for user, flag, line in flags if flag == "ring_opt_out"}
+        self.dnd = {user for user, flag, _ in flags if flag == "dnd"}
+
+    # --- requests ---------------------------------------------------------------------------
+    def on_request(self, txn: ServerTransaction, req: Request, source: Address) -> bool:
+        """Handle call-related requests; False if the request is not the caller's business."""
+        if req.method == "CANCEL":
+            self._on_cancel(txn, req, source)
+            return True
+        if req.to.tag is not None:
+            leg = self.b2bua.find_leg(req)
+            if leg is None:
+                if req.method == "ACK":
+                    return True
+                self.respond(txn, req, req.make_response(481), source)
+                return True
+            self.b2bua.on_in_dialog(txn, req, leg)
+            return True
+        if req.method == "INVITE":
+            self._on_invite(txn, req, source)
+            return True
+        return False
+
+    def _on_cancel(self, txn: ServerTransaction, req: Request, source: Address) -> None:
+        invite = self.layer.find_invite_for_cancel(req)
+        if invite is None:
+            self.respond(txn, req, req.make_response(481), source)
+            return
+        self.respond(txn, req, req.make_response(200, "OK"), source)
+        self.b2bua.on_cancel(invite, req)
+
+    def _on_invite(self, txn: ServerTransaction, req: Request, source: Address) -> None:
+        now = time.time()
+        decision = self.setup.decide(req, source, now, opted_out=self.opted_out, dnd=self.dnd)
+        if isinstance(decision, Refuse):
+            self._refuse(txn, req, source, decision, now)
+        elif isinstance(decision, Feature):
+            self._feature(txn, req, source, decision)
+        else:
+            self._start(txn, req, source, decision)
+
+    def _refuse(
+        self, txn: ServerTransaction, req: Request, source: Address, r: Refuse, now: float
+    ) -> None:
+        resp = req.make_response(r.status, r.reason, to_tag=_tag())
+        for value in r.challenge or []:
+            resp.headers.add("Proxy-Authenticate", value)
+        if r.auth_failed and self.throttle.record_failure(source.host, now):
+            log.warning("auth_source_blocked", peer=source.host)
+        if r.event == "identity_refused":
+            log.warning(
+                "identity_refused",
+                user=r.user,
+                call_id=req.call_id,
+                asked=req.headers.get("p-preferred-identity") or req.headers.get("from"),
+            )
+        self.respond(txn, req, resp, source, event=r.event, user=r.user)
+
+    def _start(self, txn: ServerTransaction, req: Request, source: Address, a: Admit) -> None:
+        log.info(
+            "call_admitted",
+            call_id=req.call_id,
+            user=a.user,
+            identity=a.identity,
+            line=a.lines[-1].line,
+            targets=len(a.targets),
+        )
+        task = asyncio.get_running_loop().create_task(
+            self.b2bua.start_call(
+                txn,
+                req,
+                source,
+                lines=a.lines,
+                caller_from=a.caller_from,
+                caller_pai=a.caller_pai,
+                targets=a.targets,
+                ring_time=a.ring_time,
+            )
+        )
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # --- feature codes ----------------------------------------------------------------------
+    def _feature(self, txn: ServerTransaction, req: Request, source: Address, f: Feature) -> None:
+        """Toggle features answer with a final response whose reason phrase says the new state:
+        phones show it on their display, and no media is needed."""
+        handlers = {
+            "dnd_on": lambda: self._set_flag(f.user, "dnd", "", True, "DND On"),
+            "dnd_off": lambda: self._set_flag(f.user, "dnd", "", False, "DND Off"),
+            "ring_opt_out": lambda: self._opt(f, False),
+            "ring_opt_in": lambda: self._opt(f, True),
+        }
+        handler = handlers.get(f.feature)
+        if handler is None:
+            resp = req.make_response(501, "Feature Not Available", to_tag=_tag())
+            self.respond(txn, req, resp, source, event="feature_unavailable", user=f.user)
+            return
+        reason = handler()
+        self.respond(
+            txn,
+            req,
+            req.make_response(480, reason, to_tag=_tag()),
+            source,
+            event=f"feature_{f.feature}",
+            user=f.user,
+        )
+
+    def _opt(self, f: Feature, ring: bool) -> str:
+        line = f.argument or next(iter(self.cfg.delegators_of(f.user)), "")
+        if not line or line not in self.cfg.delegators_of(f.user):
+            return "Not A Delegate"
+        return self._set_flag(
+            f.user, "ring_opt_out", line, not ring, f"Ringing {'On' if ring else 'Off'} For {line}"
+        )
+
+    def _set_flag(self, user: str, flag: str, line: str, on: bool, reason: str) -> str:
+        if flag == "dnd":
+            (self.dnd.add if on else self.dnd.discard)(user)
+        else:
+            (self.opted_out.add if on else self.opted_out.discard)((line, user))
+        task = asyncio.get_running_loop().create_task(
+            self.store.set_user_flag(user, flag, line, on)
+        )
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return reason
+
+    # --- client side ------------------------------------------------------------------------
+    def on_response(self, txn: ClientTransaction, resp: Response) -> None:
+        self.b2bua.on_response(txn, resp)
+
+    def on_timeout(self, txn: ClientTransaction) -> None:
+        self.b2bua.on_timeout(txn)
+
+    def on_ack(self, req: Request) -> None:
+        self.b2bua.on_ack(req)
+
+    def on_stray(self, resp: Response) -> None:
+        if 200 <= resp.status < 300 and resp.cseq.method == "INVITE":
+            self.b2bua.on_stray_2xx(resp)
+
+
+def _tag() -> str:
+    from .sip.dialog import new_tag
+
+    return new_tag()

@@ -1,0 +1,728 @@
+"""The B2BUA: calls with one inbound leg and forked outbound legs, bridged through our relay.
+
+A `Call` owns an inbound `Leg` (we are the UAS towards the caller) and one outbound `Leg` per
+ringing contact (we are the UAC). The first 2xx wins; every other fork is cancelled with
+`Reason: SIP;cause=200;text="Call completed elsewhere"` (RFC 3326). After the answer, in-dialog
+requests (BYE, re-INVITE, UPDATE, INFO) are relayed between the two dialogs with their SDP
+rewritten towards our relay.
+
+This module is signalling logic: it talks to the transaction layer (sans-I/O), asks the media
+manager for endpoints, and publishes line events. Timers (ring timeout, delayed forks) live in
+its own heap so the service drives them with the same clock as the transaction layer.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Protocol
+
+import structlog
+
+from media.errors import MediaError, PortsExhausted, SdpError
+from media.sdp import OriginState, SessionDescription, parse_sdp, rewrite
+
+from .lines import CallState, Direction, LineBus, LineEvent
+from .sip.dialog import Dialog, new_call_id, new_tag
+from .sip.headers import Headers
+from .sip.message import Request, Response
+from .sip.transaction import Address, ClientTransaction, ServerTransaction
+from .sip.transaction_layer import TransactionLayer
+from .sip.uri import SipUri, parse_uri
+
+log = structlog.get_logger("softswitch.calls")
+
+COMPLETED_ELSEWHERE = 'SIP;cause=200;text="Call completed elsewhere"'
+ALLOW = "INVITE, ACK, CANCEL, BYE, OPTIONS, UPDATE, INFO, REFER, NOTIFY, SUBSCRIBE"
+#: Headers carried from one leg's request or response to the other's.
+RELAYED_HEADERS = (
+    "content-type",
+    "reason",
+    "event",
+    "subscription-state",
+    "info-package",
+    "session-expires",
+    "min-se",
+    "allow-events",
+    "call-info",
+)
+
+
+class Endpoint(Protocol):
+    port: int
+
+    def set_remote(
+        self, rtp: tuple[str, int] | None, rtcp: tuple[str, int] | None = None
+    ) -> None: ...
+
+
+class Media(Protocol):
+    """What the B2BUA needs of the media layer (media.relay.MediaManager provides it)."""
+
+    address: str
+
+    async def allocate_endpoint(self) -> Any: ...
+
+    def release(self, endpoint: Any) -> None: ...
+
+    def bridge(self, a: Any, b: Any) -> Any: ...
+
+    def unbridge(self, bridge: Any) -> None: ...
+
+
+class LegState(Enum):
+    CALLING = "calling"  # INVITE sent / received, no answer yet
+    EARLY = "early"  # a provisional with a tag
+    CONFIRMED = "confirmed"
+    ENDED = "ended"
+
+
+@dataclass(eq=False, slots=True)
+class Leg:
+    """One side of a call: a dialog towards one phone, where to send to, and its media."""
+
+    call: Call
+    party: str | None  # the extension this leg reaches (None: an outside/trusted peer)
+    dest: Address  # where requests for this leg go (the phone's NAT-safe source address)
+    invite: ServerTransaction | ClientTransaction | None
+    dialog: Dialog | None = None
+    state: LegState = LegState.CALLING
+    origin: OriginState = field(default_factory=OriginState)
+    provisional: bool = False  # a 1xx arrived (a CANCEL may be sent)
+    cancel_pending: bool = False
+    cancel_reason: str | None = None
+    local_tag: str = field(default_factory=new_tag)
+
+
+@dataclass(eq=False, slots=True)
+class Pending:
+    """An in-dialog request relayed from one leg, waiting for the other leg's final answer."""
+
+    server: ServerTransaction
+    from_leg: Leg
+
+
+@dataclass(frozen=True, slots=True)
+class LineRef:
+    """A line this call is on, seen from that line: its direction and the remote end.
+
+    `party` is the member using the line; None means "whoever answers" (an inbound call).
+    """
+
+    line: str
+    direction: Direction
+    party: str | None
+    remote: str
+    remote_name: str | None = None
+
+
+@dataclass(eq=False)
+class Call:
+    """One B2BUA call."""
+
+    id: str
+    a: Leg | None = None  # the caller's leg (set right after construction)
+    forks: list[Leg] = field(default_factory=list)
+    b: Leg | None = None  # the answering fork
+    lines: list[LineRef] = field(default_factory=list)  # the lines this call is shown on
+    started_at: float = field(default_factory=time.time)
+    offer: SessionDescription | None = None  # the caller's SDP offer
+    a_media: Any = None
+    b_media: Any = None
+    bridge: Any = None
+    ended: bool = False
+    b_call_id: str = ""
+    b_from: str = ""  # From header value (without tag) towards the callees
+    b_from_tag: str = field(default_factory=new_tag)
+    pending: dict[int, Pending] = field(default_factory=dict)
+    failures: list[int] = field(default_factory=list)
+    outstanding: int = 0  # forks not yet finished (including delayed ones not yet sent)
+
+
+@dataclass(frozen=True, slots=True)
+class ForkTarget:
+    """One contact to ring."""
+
+    party: str
+    uri: str  # Request-URI: the registered contact
+    dest: Address
+    delay: float = 0.0
+    headers: tuple[tuple[str, str], ...] = ()  # per-target extras (History-Info, To display)
+    to: str = ""  # To header value for this fork
+
+
+class B2BUA:
+    """All calls of the service."""
+
+    def __init__(
+        self,
+        layer: TransactionLayer,
+        media: Media,
+        bus: LineBus,
+        local: Callable[[str], Address],
+        flush: Callable[[], None],
+        clock: Callable[[], float],
+    ) -> None:
+        self.layer = layer
+        self._now = clock  # the transaction layer's clock (loop time in the service)
+        self.media = media
+        self.bus = bus
+        self.local = local  # transport name -> our listening Address (for Via and Contact)
+        self.flush = flush
+        self.calls: dict[str, Call] = {}
+        self._dialogs: dict[tuple[str, str], Leg] = {}  # (Call-ID, our tag) -> leg
+        self._clients: dict[ClientTransaction, Leg] = {}
+        self._relayed: dict[ClientTransaction, Pending] = {}
+        self._timers: list[tuple[float, int, Callable[[], None]]] = []
+        self._seq = itertools.count()
+
+    # --- timers (sans-I/O: the service calls handle_timer at get_timer()) -------------------
+    def get_timer(self) -> float | None:
+        return self._timers[0][0] if self._timers else None
+
+    def handle_timer(self, now: float) -> None:
+        while self._timers and self._timers[0][0] <= now:
+            _, _, fn = heapq.heappop(self._timers)
+            fn()
+
+    def _later(self, now: float, delay: float, fn: Callable[[], None]) -> None:
+        heapq.heappush(self._timers, (now + delay, next(self._seq), fn))
+
+    # --- starting calls ---------------------------------------------------------------------
+    async def start_call(
+        self,
+        txn: ServerTransaction,
+        req: Request,
+        source: Address,
+        *,
+        lines: list[LineRef],
+        caller_from: str,
+        caller_pai: str | None,
+        targets: list[ForkTarget],
+        ring_time: float,
+    ) -> None:
+        """Answer `req` by forking to `targets`; the caller's identity is already decided."""
+        call = Call(id=new_tag() + new_tag(), lines=lines)
+        a = Leg(call, None, source, txn)
+        call.a = a
+        try:
+            call.offer = parse_sdp(req.body) if req.body else None
+        except SdpError as exc:
+            self._reply(a, req.make_response(488, "Not Acceptable Here"), detail=str(exc))
+            return
+        if call.offer is None:
+            # Late offer (no SDP in the INVITE) is not relayed yet: say so clearly.
+            self._reply(a, req.make_response(488, "Not Acceptable Here"), detail="no SDP offer")
+            return
+        if not targets:
+            self._reply(a, req.make_response(480, "Temporarily Unavailable"), detail="no contact")
+            return
+        try:
+            call.a_media = await self.media.allocate_endpoint()
+            call.b_media = await self.media.allocate_endpoint()
+        except PortsExhausted:
+            self._release_media(call)
+            resp = req.make_response(503, "Service Unavailable")
+            resp.headers.add("Retry-After", "5")
+            self._reply(a, resp, detail="media ports exhausted")
+            return
+        if txn.terminated:  # cancelled while we were binding sockets
+            self._release_media(call)
+            return
+        self._set_remote(call.a_media, call.offer)
+        self.calls[call.id] = call
+        self._dialogs[(req.call_id, a.local_tag)] = a
+        call.b_call_id = new_call_id(self.local("udp").host)
+        call.b_from = caller_from
+        call.outstanding = len(targets)
+        t0 = self._now()
+        for target in targets:
+            if target.delay > 0:
+                self._later(t0, target.delay, _bind(self._fork, call, target, caller_pai))
+            else:
+                self._fork(call, target, caller_pai)
+        self._later(t0, ring_time, lambda: self._ring_timeout(call))
+        self._publish(call, CallState.RINGING)
+        self.flush()
+
+    def _fork(self, call: Call, target: ForkTarget, pai: str | None) -> None:
+        if call.ended or call.b is not None:
+            return
+        assert call.offer is not None
+        leg = Leg(call, target.party, target.dest, None, local_tag=call.b_from_tag)
+        body = rewrite(
+            call.offer, self.media.address, self._ports(call.offer, call.b_media), leg.origin
+        )
+        headers = Headers()
+        headers.add("Via", self._via(target.dest))
+        headers.add("Max-Forwards", "70")
+        headers.add("From", f"{call.b_from};tag={call.b_from_tag}")
+        headers.add("To", target.to or f"<{target.uri}>")
+        headers.add("Call-ID", call.b_call_id)
+        headers.add("CSeq", "1 INVITE")
+        headers.add("Contact", self._contact(target.dest))
+        if pai:
+            headers.add("P-Asserted-Identity", pai)
+        for name, value in target.headers:
+            headers.add(name, value)
+        headers.add("Allow", ALLOW)
+        headers.add("Content-Type", "application/sdp")
+        req = Request("INVITE", parse_uri(target.uri), headers, body)
+        txn = self.layer.send_request(req, target.dest, self._now())
+        leg.invite = txn
+        call.forks.append(leg)
+        self._clients[txn] = leg
+        log.info(
+            "call_fork",
+            call=call.id,
+            party=target.party,
+            dest=f"{target.dest.transport}:{target.dest.host}:{target.dest.port}",
+        )
+        self.flush()
+
+    # --- responses on our client transactions -----------------------------------------------
+    def on_response(self, txn: ClientTransaction, resp: Response) -> bool:
+        """Handle a response to a request we sent; False if it is not ours."""
+        pending = self._relayed.get(txn)
+        if pending is not None:
+            self._relay_response(txn, pending, resp)
+            return True
+        leg = self._clients.get(txn)
+        if leg is None:
+            return False
+        if resp.status < 200:
+            self._on_provisional(leg, resp)
+        else:
+            self._clients.pop(txn, None)
+            if resp.status < 300:
+                self._on_answer(leg, txn, resp)
+            else:
+                self._on_fork_failed(leg, resp.status)
+        self.flush()
+        return True
+
+    def on_timeout(self, txn: ClientTransaction) -> bool:
+        leg = self._clients.pop(txn, None)
+        if leg is not None:
+            self._on_fork_failed(leg, 408)
+            self.flush()
+            return True
+        pending = self._relayed.pop(txn, None)
+        if pending is not None:
+            resp = pending.server.request.make_response(408, "Request Timeout")
+            self.layer.send_response(pending.server, resp, self._now())
+            self.flush()
+            return True
+        return False
+
+    def _on_provisional(self, leg: Leg, resp: Response) -> None:
+        call = leg.call
+        if resp.status > 100:
+            leg.provisional = True
+        if leg.cancel_pending and leg.provisional:
+            leg.cancel_pending = False
+            self._send_cancel(leg, None)
+            return
+        if resp.status == 100 or call.b is not None or call.ended:
+            return
+        if resp.to.tag and leg.dialog is None:
+            leg.dialog = Dialog.as_uac(_invite_of(leg), resp)
+            leg.state = LegState.EARLY
+        a = call.a
+        assert a is not None
+        out = self._response_for(a, resp, resp.status, resp.reason)
+        if resp.body and resp.status == 183:
+            self._add_sdp(call, out, resp.body, a, toward_caller=True)
+        self._send_a(a, out)
+
+    def _on_answer(self, leg: Leg, txn: ClientTransaction, resp: Response) -> None:
+        call = leg.call
+        invite = _invite_of(leg)
+        dialog = Dialog.as_uac(invite, resp)
+        ack = dialog.new_request("ACK", self._via(leg.dest), cseq=invite.cseq.seq)
+        self.layer.send_stateless(ack, leg.dest)
+        if call.b is not None or call.ended:
+            # A second answer lost the race: acknowledge it and hang it up at once.
+            bye = dialog.new_request(
+                "BYE", self._via(leg.dest), extra=[("Reason", COMPLETED_ELSEWHERE)]
+            )
+            self.layer.send_request(bye, leg.dest, self._now())
+            leg.state = LegState.ENDED
+            return
+        leg.dialog = dialog
+        leg.state = LegState.CONFIRMED
+        call.b = leg
+        self._dialogs[(call.b_call_id, call.b_from_tag)] = leg
+        for other in call.forks:
+            if other is not leg and other.state in (LegState.CALLING, LegState.EARLY):
+                self._cancel_fork(other, COMPLETED_ELSEWHERE)
+        a = call.a
+        assert a is not None
+        out = self._response_for(a, resp, 200, "OK")
+        out.headers.add("Contact", self._contact(a.dest))
+        out.headers.add("Allow", ALLOW)
+        if resp.body:
+            self._add_sdp(call, out, resp.body, a, toward_caller=True)
+        assert isinstance(a.invite, ServerTransaction)
+        a.dialog = Dialog.as_uas(a.invite.request, out, a.local_tag)
+        a.state = LegState.CONFIRMED
+        call.bridge = self.media.bridge(call.a_media, call.b_media)
+        self.layer.send_response(a.invite, out, self._now(), retransmit_2xx=True)
+        log.info("call_answered", call=call.id, party=leg.party)
+        self._publish(call, CallState.ACTIVE)
+
+    def _on_fork_failed(self, leg: Leg, status: int) -> None:
+        call = leg.call
+        leg.state = LegState.ENDED
+        call.failures.append(status)
+        call.outstanding -= 1
+        if call.b is None and not call.ended and call.outstanding <= 0:
+            self._fail_call(call, _aggregate(call.failures), "no answer")
+
+    def _ring_timeout(self, call: Call) -> None:
+        if call.b is not None or call.ended:
+            return
+        self._fail_call(call, 480, "timeout")
+        self.flush()
+
+    def _fail_call(self, call: Call, status: int, reason: str) -> None:
+        for leg in call.forks:
+            if leg.state in (LegState.CALLING, LegState.EARLY):
+                self._cancel_fork(leg, None)
+        a = call.a
+        assert a is not None and isinstance(a.invite, ServerTransaction)
+        self._reply(
+            a, a.invite.request.make_response(status, None, to_tag=a.local_tag), detail=reason
+        )
+        self._end(call, reason)
+
+    # --- CANCEL -----------------------------------------------------------------------------
+    def on_cancel(self, invite_txn: ServerTransaction, cancel: Request) -> bool:
+        """A CANCEL for an INVITE we are forking: stop everything, answer 487."""
+        call = next(
+            (c for c in self.calls.values() if c.a is not None and c.a.invite is invite_txn), None
+        )
+        if call is None or call.b is not None:
+            return call is not None
+        reason = cancel.headers.get("reason")
+        for leg in call.forks:
+            if leg.state in (LegState.CALLING, LegState.EARLY):
+                self._cancel_fork(leg, reason)
+        a = call.a
+        assert a is not None
+        self._reply(
+            a,
+            invite_txn.request.make_response(487, "Request Terminated", to_tag=a.local_tag),
+            detail="cancelled",
+        )
+        self._end(call, "cancel")
+        self.flush()
+        return True
+
+    def _cancel_fork(self, leg: Leg, reason: str | None) -> None:
+        leg.state = LegState.ENDED
+        if not leg.provisional:
+            leg.cancel_pending = True  # §9.1: no CANCEL before a provisional response
+            leg.cancel_reason = reason
+            return
+        self._send_cancel(leg, reason)
+
+    def _send_cancel(self, leg: Leg, reason: str | None) -> None:
+        invite = _invite_of(leg)
+        headers = Headers()
+        headers.add("Via", invite.headers.get("via") or "")
+        headers.add("Max-Forwards", "70")
+        headers.add("From", invite.headers.get("from") or "")
+        headers.add("To", invite.headers.get("to") or "")
+        headers.add("Call-ID", invite.call_id)
+        headers.add("CSeq", f"{invite.cseq.seq} CANCEL")
+        reason = reason or leg.cancel_reason
+        if reason:
+            headers.add("Reason", reason)
+        self.layer.send_request(Request("CANCEL", invite.uri, headers), leg.dest, self._now())
+
+    # --- in-dialog requests -----------------------------------------------------------------
+    def find_leg(self, req: Request) -> Leg | None:
+        tag = req.to.tag
+        return None if tag is None else self._dialogs.get((req.call_id, tag))
+
+    def on_in_dialog(self, txn: ServerTransaction, req: Request, leg: Leg) -> None:
+        """BYE, re-INVITE, UPDATE, INFO... from one side: relay to the other side."""
+        call = leg.call
+        other = call.b if leg is call.a else call.a
+        if leg.dialog is not None and not leg.dialog.accept_remote_cseq(req):
+            self.layer.send_response(txn, req.make_response(500, "Out Of Order"), self._now())
+            self.flush()
+            return
+        if req.method == "BYE":
+            self.layer.send_response(txn, req.make_response(200, "OK"), self._now())
+            if other is not None and other.dialog is not None and other.state is not LegState.ENDED:
+                bye = other.dialog.new_request("BYE", self._via(other.dest))
+                self.layer.send_request(bye, other.dest, self._now())
+            self._end(call, "bye", by=leg.party)
+            self.flush()
+            return
+        if other is None or other.dialog is None or call.ended:
+            self.layer.send_response(txn, req.make_response(481), self._now())
+            self.flush()
+            return
+        if leg.dialog is not None and req.method in ("INVITE", "UPDATE"):
+            leg.dialog.update_target(req)
+        extra = [(n, v) for n, v in req.headers if n.lower() in RELAYED_HEADERS]
+        body = req.body
+        if req.body and req.method in ("INVITE", "UPDATE"):
+            body = self._rewrite_for(call, req.body, from_leg=leg, to_leg=other)
+            extra = [(n, v) for n, v in extra if n.lower() != "content-type"]
+            extra.append(("Content-Type", "application/sdp"))
+        if req.method == "INVITE":
+            extra.append(("Allow", ALLOW))
+        out = other.dialog.new_request(
+            req.method,
+            self._via(other.dest),
+            contact=self._contact(other.dest) if req.method in ("INVITE", "UPDATE") else None,
+            extra=extra,
+            body=body,
+        )
+        client = self.layer.send_request(out, other.dest, self._now())
+        self._relayed[client] = Pending(txn, leg)
+        if req.method == "INVITE":
+            self._publish_hold_state(call, req.body, by=leg)
+        self.flush()
+
+    def _relay_response(self, txn: ClientTransaction, pending: Pending, resp: Response) -> None:
+        if resp.status == 100:
+            return
+        to_leg = pending.from_leg
+        other = to_leg.call.b if to_leg is to_leg.call.a else to_leg.call.a
+        out = pending.server.request.make_response(resp.status, resp.reason)
+        for name, value in resp.headers:
+            if name.lower() in RELAYED_HEADERS and name.lower() != "content-type":
+                out.headers.add(name, value)
+        if resp.body and other is not None and txn.request.method in ("INVITE", "UPDATE"):
+            out.body = self._rewrite_for(to_leg.call, resp.body, from_leg=other, to_leg=to_leg)
+            out.headers.add("Content-Type", "application/sdp")
+        elif resp.body:
+            out.body = resp.body
+            ctype = resp.headers.get("content-type")
+            if ctype:
+                out.headers.add("Content-Type", ctype)
+        if txn.request.method == "INVITE" and 200 <= resp.status < 300 and other is not None:
+            assert other.dialog is not None
+            other.dialog.update_target(resp)
+            ack = other.dialog.new_request("ACK", self._via(other.dest), cseq=txn.request.cseq.seq)
+            self.layer.send_stateless(ack, other.dest)
+            out.headers.add("Contact", self._contact(to_leg.dest))
+        if resp.status >= 200:
+            self._relayed.pop(txn, None)
+        self.layer.send_response(
+            pending.server,
+            out,
+            self._now(),
+            retransmit_2xx=pending.server.request.method == "INVITE" and 200 <= resp.status < 300,
+        )
+        self.flush()
+
+    def on_ack(self, req: Request) -> bool:
+        """An ACK for a 2xx we sent: stop retransmitting that 2xx."""
+        leg = self.find_leg(req)
+        if leg is None:
+            return False
+        if leg is leg.call.a and isinstance(leg.invite, ServerTransaction):
+            self.layer.stop_2xx_retransmission(leg.invite)
+        return True
+
+    def on_stray_2xx(self, resp: Response) -> None:
+        """A retransmitted 2xx to one of our INVITEs: ACK it again (§13.2.2.4)."""
+        leg = self._dialogs.get((resp.call_id, resp.from_.tag or ""))
+        if leg is None or leg.dialog is None or resp.cseq.method != "INVITE":
+            return
+        ack = leg.dialog.new_request("ACK", self._via(leg.dest), cseq=resp.cseq.seq)
+        self.layer.send_stateless(ack, leg.dest)
+        self.flush()
+
+    # --- ending -----------------------------------------------------------------------------
+    def _end(self, call: Call, reason: str, by: str | None = None) -> None:
+        if call.ended:
+            return
+        call.ended = True
+        for leg in [call.a, *call.forks]:
+            if leg is not None:
+                leg.state = LegState.ENDED
+        self.calls.pop(call.id, None)
+        for key in [k for k, leg in self._dialogs.items() if leg.call is call]:
+            del self._dialogs[key]
+        self._release_media(call)
+        log.info("call_ended", call=call.id, reason=reason, by=by)
+        self._publish(call, CallState.ENDED, reason=reason)
+
+    def _release_media(self, call: Call) -> None:
+        if call.bridge is not None:
+            self.media.unbridge(call.bridge)
+            call.bridge = None
+        for attr in ("a_media", "b_media"):
+            ep = getattr(call, attr)
+            if ep is not None:
+                self.media.release(ep)
+                setattr(call, attr, None)
+
+    # --- helpers ----------------------------------------------------------------------------
+    def _publish(self, call: Call, state: CallState, reason: str | None = None) -> None:
+        """One event per line the call is on; inbound lines learn the party on answer."""
+        now = time.time()
+        answered_by = call.b.party if call.b is not None else None
+        for ref in call.lines:
+            shown = state
+            if state is CallState.RINGING and ref.direction is Direction.OUTBOUND:
+                shown = CallState.DIALING
+            self.bus.publish(
+                LineEvent(
+                    ref.line,
+                    call.id,
+                    shown,
+                    ref.direction,
+                    ref.party or answered_by,
+                    ref.remote,
+                    ref.remote_name,
+                    call.started_at,
+                    now,
+                    reason,
+                )
+            )
+
+    def _publish_hold_state(self, call: Call, body: bytes, by: Leg) -> None:
+        if not body:
+            return
+        try:
+            held = all(
+                parse_sdp(body).is_held(i)
+                for i, m in enumerate(parse_sdp(body).media)
+                if not m.rejected
+            )
+        except SdpError:
+            return
+        self._publish(call, CallState.HELD if held else CallState.ACTIVE)
+
+    def _reply(self, leg: Leg, resp: Response, detail: str | None = None) -> None:
+        assert isinstance(leg.invite, ServerTransaction)
+        if resp.status > 100 and resp.to.tag is None:
+            resp.headers.set("To", f"{resp.headers.get('to')};tag={leg.local_tag}")
+        self.layer.send_response(leg.invite, resp, self._now())
+        log.info(
+            "call_rejected" if resp.status >= 300 else "call_response",
+            status=resp.status,
+            call_id=leg.invite.request.call_id,
+            detail=detail,
+        )
+        self.flush()
+
+    def _response_for(self, a: Leg, resp: Response, status: int, reason: str) -> Response:
+        assert isinstance(a.invite, ServerTransaction)
+        out = a.invite.request.make_response(status, reason, to_tag=a.local_tag)
+        for name, value in resp.headers:
+            if name.lower() in ("reason", "call-info", "alert-info"):
+                out.headers.add(name, value)
+        return out
+
+    def _send_a(self, a: Leg, resp: Response) -> None:
+        assert isinstance(a.invite, ServerTransaction)
+        self.layer.send_response(a.invite, resp, self._now())
+
+    def _add_sdp(
+        self,
+        call: Call,
+        out: Response,
+        body: bytes,
+        a: Leg,
+        toward_caller: bool,
+    ) -> None:
+        try:
+            desc = parse_sdp(body)
+        except SdpError:
+            return
+        self._set_remote(call.b_media, desc)
+        out.body = rewrite(desc, self.media.address, self._ports(desc, call.a_media), a.origin)
+        out.headers.set("Content-Type", "application/sdp")
+
+    def _rewrite_for(self, call: Call, body: bytes, from_leg: Leg, to_leg: Leg) -> bytes:
+        """SDP from `from_leg`'s phone, rewritten for `to_leg`'s phone."""
+        try:
+            desc = parse_sdp(body)
+        except SdpError:
+            return body
+        from_ep = call.a_media if from_leg is call.a else call.b_media
+        to_ep = call.a_media if to_leg is call.a else call.b_media
+        if from_ep is not None:
+            self._set_remote(from_ep, desc)
+        return rewrite(desc, self.media.address, self._ports(desc, to_ep), to_leg.origin)
+
+    @staticmethod
+    def _ports(desc: SessionDescription, endpoint: Any) -> list[int]:
+        """Our relay port for the first audio stream; every other stream is declined (0)."""
+        ports: list[int] = []
+        used = False
+        for m in desc.media:
+            if not used and m.media == "audio" and not m.rejected and endpoint is not None:
+                ports.append(endpoint.port)
+                used = True
+            else:
+                ports.append(0)
+        return ports
+
+    @staticmethod
+    def _set_remote(endpoint: Any, desc: SessionDescription) -> None:
+        if endpoint is None:
+            return
+        for i, m in enumerate(desc.media):
+            if m.media == "audio" and not m.rejected:
+                try:
+                    endpoint.set_remote(desc.rtp_address(i), desc.rtcp_address(i))
+                except (ValueError, MediaError):
+                    endpoint.set_remote(None, None)
+                return
+
+    def _via(self, dest: Address) -> str:
+        local = self.local(dest.transport)
+        return (
+            f"SIP/2.0/{dest.transport.upper()} {local.host}:{local.port};"
+            f"branch={self.layer.new_branch()};rport"
+        )
+
+    def _contact(self, dest: Address) -> str:
+        local = self.local(dest.transport)
+        return f"<sip:{local.host}:{local.port};transport={dest.transport}>"
+
+
+def _bind(fn: Callable[..., None], *args: Any) -> Callable[[], None]:
+    return lambda: fn(*args)
+
+
+def _invite_of(leg: Leg) -> Request:
+    assert leg.invite is not None
+    return leg.invite.request
+
+
+def _aggregate(failures: list[int]) -> int:
+    """The caller's answer when every fork failed (RFC 3261 §16.7 in spirit).
+
+    All busy (486/600) -> 486; a decline (603) wins over no answer; otherwise 480.
+    """
+    if failures and all(f in (486, 600) for f in failures):
+        return 486
+    if 603 in failures:
+        return 603
+    return 480
+
+
+def contact_dest(source: str) -> Address:
+    """A binding's stored source ("udp:127.0.0.1:5090", "udp:::1:5090") as an Address."""
+    transport, _, rest = source.partition(":")
+    host, _, port = rest.rpartition(":")
+    return Address(transport, host, int(port))
+
+
+def sip_user(uri: object) -> str | None:
+    return uri.user_unescaped if isinstance(uri, SipUri) else None

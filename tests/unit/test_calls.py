@@ -1,0 +1,279 @@
+"""The B2BUA's forking logic, driven by hand with a fake clock and fake media.
+
+The transaction layer is the real one; what the B2BUA sends is read back from its datagram queue
+and parsed, and phones' answers are fed in as parsed responses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+from softswitch.calls import B2BUA, ForkTarget, LineRef
+from softswitch.lines import CallState, Direction, LineBus, LineEvent
+from softswitch.sip.message import Request, Response, parse_message
+from softswitch.sip.transaction import Address
+from softswitch.sip.transaction_layer import (
+    RequestReceived,
+    ResponseReceived,
+    TransactionLayer,
+    TransactionTimeout,
+)
+
+CALLER = Address("udp", "127.0.0.1", 5070)
+PHONES = [Address("udp", "127.0.0.1", 6000 + 2 * i) for i in range(4)]
+SDP = (
+    b"v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\n"
+    b"m=audio 4000 RTP/AVP 0 101\r\na=rtpmap:0 PCMU/8000\r\n"
+    b"a=rtpmap:101 telephone-event/8000\r\n"
+)
+
+
+@dataclass
+class FakeEndpoint:
+    port: int
+    remote: Any = None
+
+    def set_remote(self, rtp: Any, rtcp: Any = None) -> None:
+        self.remote = rtp
+
+
+@dataclass
+class FakeMedia:
+    address: str = "127.0.0.1"
+    next_port: int = 30000
+    released: list[int] = field(default_factory=list)
+    bridges: list[tuple[int, int]] = field(default_factory=list)
+    exhausted: bool = False
+
+    async def allocate_endpoint(self) -> FakeEndpoint:
+        from media.errors import PortsExhausted
+
+        if self.exhausted:
+            raise PortsExhausted("no ports")
+        self.next_port += 2
+        return FakeEndpoint(self.next_port)
+
+    def release(self, ep: FakeEndpoint) -> None:
+        self.released.append(ep.port)
+
+    def bridge(self, a: FakeEndpoint, b: FakeEndpoint) -> tuple[int, int]:
+        self.bridges.append((a.port, b.port))
+        return (a.port, b.port)
+
+    def unbridge(self, bridge: Any) -> None:
+        pass
+
+
+class Rig:
+    """A B2BUA with a real transaction layer, a fake clock and captured output."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+        self.layer = TransactionLayer()
+        self.media = FakeMedia()
+        self.bus = LineBus()
+        self.events: list[LineEvent] = []
+        self.bus.subscribe(self.events.append)
+        self.sent: list[tuple[Any, Address]] = []
+        self.b2bua = B2BUA(
+            self.layer,
+            self.media,
+            self.bus,
+            lambda t: Address(t, "127.0.0.1", 5060),
+            self.flush,
+            lambda: self.now,
+        )
+
+    def flush(self) -> None:
+        for data, dest in self.layer.datagrams_to_send():
+            self.sent.append((parse_message(data), dest))
+        while (ev := self.layer.next_event()) is not None:
+            if isinstance(ev, ResponseReceived):
+                self.b2bua.on_response(ev.txn, ev.response)
+            elif isinstance(ev, TransactionTimeout):
+                self.b2bua.on_timeout(ev.txn)  # type: ignore[arg-type]
+
+    def take(self, dest: Address | None = None, method: str | None = None) -> list[Any]:
+        out = [
+            m
+            for m, d in self.sent
+            if (dest is None or d == dest)
+            and (
+                method is None
+                or (isinstance(m, Request) and m.method == method)
+                or (method.isdigit() and isinstance(m, Response) and m.status == int(method))
+            )
+        ]
+        return out
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+        self.layer.handle_timer(self.now)
+        self.b2bua.handle_timer(self.now)
+        self.flush()
+
+    async def invite(self, n_targets: int = 3, ring_time: float = 30) -> Any:
+        raw = (
+            "INVITE sip:1001@127.0.0.1 SIP/2.0\r\n"
+            "Via: SIP/2.0/UDP 127.0.0.1:5070;branch=z9hG4bKcaller1\r\n"
+            'From: "Dave" <sip:1004@127.0.0.1>;tag=abc\r\nTo: <sip:1001@127.0.0.1>\r\n'
+            "Call-ID: call-1\r\nCSeq: 1 INVITE\r\nContact: <sip:1004@127.0.0.1:5070>\r\n"
+            "Max-Forwards: 70\r\nContent-Type: application/sdp\r\n"
+            f"Content-Length: {len(SDP)}\r\n\r\n"
+        ).encode() + SDP
+        self.layer.receive(parse_message(raw), CALLER, self.now)
+        ev = self.layer.next_event()
+        assert isinstance(ev, RequestReceived)
+        targets = [
+            ForkTarget(f"10{i + 1:02d}", f"sip:x@127.0.0.1:{p.port}", p)
+            for i, p in enumerate(PHONES[:n_targets])
+        ]
+        lines = [LineRef("1001", Direction.INBOUND, None, "1004", "Dave")]
+        await self.b2bua.start_call(
+            ev.txn,
+            ev.request,
+            CALLER,
+            lines=lines,
+            caller_from='"Dave" <sip:1004@127.0.0.1>',
+            caller_pai=None,
+            targets=targets,
+            ring_time=ring_time,
+        )
+        return ev.txn
+
+    def answer(self, phone: Address, status: int, tag: str, body: bytes = b"") -> None:
+        (inv,) = self.take(phone, "INVITE")
+        resp = inv.make_response(status, to_tag=tag)
+        resp.headers.add("Contact", f"<sip:x@{phone.host}:{phone.port}>")
+        if body:
+            resp.headers.add("Content-Type", "application/sdp")
+            resp.body = body
+        self.layer.receive(parse_message(resp.to_bytes()), phone, self.now)
+        self.flush()
+
+
+async def test_first_answer_wins_and_the_others_are_cancelled_with_reason() -> None:
+    rig = Rig()
+    await rig.invite(3)
+    assert len(rig.take(method="INVITE")) == 3
+    for i, phone in enumerate(PHONES[:3]):
+        rig.answer(phone, 180, f"t{i}")
+    rig.answer(PHONES[1], 200, "t1", SDP)
+    cancels = rig.take(method="CANCEL")
+    assert sorted(
+        d.port
+        for _, d in ((c, d) for c, d in rig.sent if isinstance(c, Request) and c.method == "CANCEL")
+    ) == [PHONES[0].port, PHONES[2].port]
+    assert all(
+        c.headers.get("reason") == 'SIP;cause=200;text="Call completed elsewhere"' for c in cancels
+    )
+    assert len(rig.take(PHONES[1], "ACK")) == 1
+    ok = rig.take(CALLER, "200")
+    assert len(ok) == 1 and b"m=audio 30002 " in ok[0].body  # the caller sees our relay
+    assert rig.media.bridges == [(30002, 30004)]
+    assert [e.state for e in rig.events] == [CallState.RINGING, CallState.ACTIVE]
+    assert rig.events[-1].party == "1002"
+
+
+async def test_cancel_waits_for_a_provisional_response() -> None:
+    rig = Rig()
+    await rig.invite(2)
+    rig.answer(PHONES[0], 200, "t0", SDP)  # phone 1 has not even said 180 yet
+    assert rig.take(PHONES[1], "CANCEL") == []
+    rig.answer(PHONES[1], 180, "t1")
+    assert len(rig.take(PHONES[1], "CANCEL")) == 1
+
+
+async def test_all_busy_gives_486() -> None:
+    rig = Rig()
+    await rig.invite(2)
+    rig.answer(PHONES[0], 486, "t0")
+    assert rig.take(CALLER, "486") == []
+    rig.answer(PHONES[1], 600, "t1")
+    assert len(rig.take(CALLER, "486")) == 1
+    assert sorted(rig.media.released) == [30002, 30004]
+    assert rig.events[-1].state is CallState.ENDED
+
+
+async def test_mixed_failures_give_480() -> None:
+    rig = Rig()
+    await rig.invite(2)
+    rig.answer(PHONES[0], 486, "t0")
+    rig.answer(PHONES[1], 404, "t1")
+    assert len(rig.take(CALLER, "480")) == 1
+
+
+async def test_ring_timeout_cancels_everyone_and_answers_480() -> None:
+    rig = Rig()
+    await rig.invite(2, ring_time=20)
+    for i, phone in enumerate(PHONES[:2]):
+        rig.answer(phone, 180, f"t{i}")
+    rig.advance(19.9)
+    assert rig.take(CALLER, "480") == []
+    rig.advance(0.2)
+    assert len(rig.take(CALLER, "480")) == 1
+    assert len(rig.take(method="CANCEL")) == 2
+    assert rig.events[-1].reason == "timeout"
+
+
+async def test_no_targets_is_480_and_exhausted_ports_503() -> None:
+    rig = Rig()
+    await rig.invite(0)
+    assert len(rig.take(CALLER, "480")) == 1
+    rig2 = Rig()
+    rig2.media.exhausted = True
+    await rig2.invite(2)
+    assert len(rig2.take(CALLER, "503")) == 1
+    assert rig2.take(method="INVITE") == []
+
+
+async def test_late_second_answer_is_acked_and_hung_up() -> None:
+    rig = Rig()
+    await rig.invite(2)
+    rig.answer(PHONES[0], 180, "t0")
+    rig.answer(PHONES[1], 180, "t1")
+    rig.answer(PHONES[0], 200, "t0", SDP)
+    rig.answer(PHONES[1], 200, "t1", SDP)  # crossed with our CANCEL
+    assert len(rig.take(PHONES[1], "ACK")) == 1
+    assert len(rig.take(PHONES[1], "BYE")) == 1
+    assert len(rig.take(CALLER, "200")) == 1
+
+
+@pytest.mark.parametrize("who", ["caller", "callee"])
+async def test_bye_from_either_side_ends_both_legs(who: str) -> None:
+    rig = Rig()
+    await rig.invite(1)
+    rig.answer(PHONES[0], 200, "t0", SDP)
+    (ok,) = rig.take(CALLER, "200")
+    if who == "caller":
+        bye = (
+            f"BYE sip:127.0.0.1:5060 SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:5070;"
+            f"branch=z9hG4bKbye1\r\nFrom: {ok.headers.get('from')}\r\n"
+            f"To: {ok.headers.get('to')}\r\nCall-ID: call-1\r\nCSeq: 2 BYE\r\n"
+            "Max-Forwards: 70\r\nContent-Length: 0\r\n\r\n"
+        )
+        src, other = CALLER, PHONES[0]
+    else:
+        (inv,) = rig.take(PHONES[0], "INVITE")
+        bye = (
+            f"BYE sip:127.0.0.1:5060 SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:{PHONES[0].port};"
+            f"branch=z9hG4bKbye2\r\nFrom: {inv.headers.get('to')};tag=t0\r\n"
+            f"To: {inv.headers.get('from')}\r\nCall-ID: {inv.call_id}\r\nCSeq: 5 BYE\r\n"
+            "Max-Forwards: 70\r\nContent-Length: 0\r\n\r\n"
+        )
+        src, other = PHONES[0], CALLER
+    req = parse_message(bye.encode())
+    rig.layer.receive(req, src, rig.now)
+    ev = rig.layer.next_event()
+    assert isinstance(ev, RequestReceived)
+    leg = rig.b2bua.find_leg(ev.request)
+    assert leg is not None
+    rig.b2bua.on_in_dialog(ev.txn, ev.request, leg)
+    assert len(rig.take(src, "200")) == (2 if src == CALLER else 1)
+    assert len(rig.take(other, "BYE")) == 1
+    assert sorted(rig.media.released) == [30002, 30004]
+    assert rig.b2bua.calls == {}
+    assert rig.events[-1].state is CallState.ENDED
