@@ -187,6 +187,9 @@ class CallControl:
     def on_timeout(self, txn: ClientTransaction) -> None:
         self.b2bua.on_timeout(txn)
 
+    def on_ack_timeout(self, txn: ServerTransaction) -> None:
+        self.b2bua.on_ack_timeout(txn)
+
     def on_ack(self, req: Request) -> None:
         self.b2bua.on_ack(req)
 

@@ -535,6 +535,18 @@ class B2BUA:
             self.layer.stop_2xx_retransmission(leg.invite)
         return True
 
+    def on_ack_timeout(self, txn: ServerTransaction) -> None:
+        """Our 2xx to the caller was never acknowledged (§13.3.1.4): hang up both sides."""
+        call = next((c for c in self.calls.values() if c.a is not None and c.a.invite is txn), None)
+        if call is None:
+            return
+        for leg in (call.a, call.b):
+            if leg is not None and leg.dialog is not None:
+                bye = leg.dialog.new_request("BYE", self._via(leg.dest))
+                self.layer.send_request(bye, leg.dest, self._now())
+        self._end(call, "no ack")
+        self.flush()
+
     def on_stray_2xx(self, resp: Response) -> None:
         """A retransmitted 2xx to one of our INVITEs: ACK it again (§13.2.2.4)."""
         leg = self._dialogs.get((resp.call_id, resp.from_.tag or ""))

@@ -251,8 +251,9 @@ class Service:
             self.calls.on_response(event.txn, event.response)
         elif isinstance(event, AckReceived):
             self.calls.on_ack(event.request)
-        elif isinstance(event, AckTimeout):
+        elif isinstance(event, AckTimeout) and isinstance(event.txn, ServerTransaction):
             log.warning("ack_timeout", call_id=event.txn.request.call_id)
+            self.calls.on_ack_timeout(event.txn)
         elif isinstance(event, TransactionTimeout) and isinstance(event.txn, ClientTransaction):
             self.calls.on_timeout(event.txn)
         elif isinstance(event, StrayResponse):

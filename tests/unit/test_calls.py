@@ -277,3 +277,13 @@ async def test_bye_from_either_side_ends_both_legs(who: str) -> None:
     assert sorted(rig.media.released) == [30002, 30004]
     assert rig.b2bua.calls == {}
     assert rig.events[-1].state is CallState.ENDED
+
+
+async def test_missing_ack_hangs_up_both_sides() -> None:
+    rig = Rig()
+    txn = await rig.invite(1)
+    rig.answer(PHONES[0], 200, "t0", SDP)
+    rig.b2bua.on_ack_timeout(txn)
+    assert len(rig.take(CALLER, "BYE")) == 1
+    assert len(rig.take(PHONES[0], "BYE")) == 1
+    assert rig.b2bua.calls == {}
