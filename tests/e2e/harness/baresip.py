@@ -38,9 +38,46 @@ from typing import IO, Any
 
 from .ports import LOOPBACK, free_port, free_udp_range
 from .service import tail
+from .sipclient import SipMessage, SipParseError, parse_message
 
 MODULE_PATH = "/usr/lib/baresip/modules"  # Debian baresip-core
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
+#: One message of baresip's ``-s`` SIP trace: a bold-cyan ``#`` line, ``UDP src -> dst``,
+#: the message as sent or received (CRLF line ends), then an ANSI reset.
+_TRACE = re.compile(
+    rb"\x1b\[36;1m#\r?\n(?P<transport>[A-Z]+) (?P<src>\S+) -> (?P<dst>\S+)\r?\n"
+    rb"(?P<msg>.*?)\x1b\[;m",
+    re.DOTALL,
+)
+
+
+@dataclass(frozen=True)
+class TracedMessage:
+    """One SIP message from baresip's trace; ``incoming`` = received by this phone."""
+
+    transport: str
+    src: str
+    dst: str
+    incoming: bool
+    msg: SipMessage
+
+    def __str__(self) -> str:
+        arrow = "<-" if self.incoming else "->"
+        return f"{arrow} {self.msg.start_line} ({self.src} -> {self.dst})"
+
+
+def read_wav(path: Path) -> tuple[float, float]:
+    """(duration in seconds, RMS of the samples) of a 16-bit WAV, for "is this audio" checks."""
+    with wave.open(str(path), "rb") as w:
+        frames = w.getnframes()
+        rate = w.getframerate()
+        data = w.readframes(frames)
+        width = w.getsampwidth()
+    if width != 2 or not data:
+        return (frames / rate if rate else 0.0, 0.0)
+    samples = struct.unpack(f"<{len(data) // 2}h", data[: len(data) // 2 * 2])
+    rms = math.sqrt(sum(x * x for x in samples) / len(samples)) if samples else 0.0
+    return frames / rate, rms
 
 
 def baresip_binary() -> str | None:
@@ -76,6 +113,15 @@ class BaresipConfig:
     answermode: str = "auto"
     regint: int = 600
     transport: str = "udp"
+    #: Digest user name when it differs from the AoR's user (a delegate registering the
+    #: delegator's AoR: ``<sip:1001@...>;auth_user=1002``); "" = the AoR's user.
+    auth_user: str = ""
+    #: ``-s`` on the command line: every SIP message sent and received goes to the log.
+    sip_trace: bool = False
+    #: 8 kHz mono WAV the aufile source plays; None = a generated 0.5 s on/off 440 Hz tone.
+    audio_file: Path | None = None
+    #: Extra lines appended to the ``config`` file (e.g. ``"rtp_stats\t\tyes"``).
+    extra_config: tuple[str, ...] = ()
 
     @property
     def aor(self) -> str:
@@ -89,7 +135,7 @@ class BaresipConfig:
         d = self.directory.resolve()
         shutil.rmtree(d, ignore_errors=True)
         (d / "snd").mkdir(parents=True)
-        tone = write_tone_wav(d / "tone8k.wav")
+        tone = self.audio_file or write_tone_wav(d / "tone8k.wav")
         config = f"""# written by tests/e2e/harness/baresip.py: headless, loopback only
 poll_method\t\tepoll
 sip_listen\t\t{LOOPBACK}:{self.sip_port}
@@ -118,11 +164,14 @@ module_app\t\tctrl_tcp.so
 ctrl_tcp_listen\t\t{LOOPBACK}:{self.ctrl_port}
 snd_path\t\t{d / "snd"}
 """
+        config += "".join(line + "\n" for line in self.extra_config)
         (d / "config").write_text(config)
         name = self.display_name or self.user
+        auth_user = f";auth_user={self.auth_user}" if self.auth_user else ""
         account = (
             f'"{name}" <sip:{self.user}@{host}:{port};transport={self.transport}>'
-            f";auth_pass={self.password};answermode={self.answermode};regint={self.regint}"
+            f"{auth_user};auth_pass={self.password};answermode={self.answermode}"
+            f";regint={self.regint}"
             ";mwi=no;call_transfer=yes;audio_codecs=pcmu,pcma;pubint=0\n"
         )
         (d / "accounts").write_text(account)
@@ -202,10 +251,12 @@ class BaresipCtl:
 class Baresip:
     """One baresip process (own session) with its ctrl_tcp connection."""
 
-    def __init__(self, config: BaresipConfig, lifetime: int = 60) -> None:
+    def __init__(self, config: BaresipConfig, lifetime: int = 60, name: str = "") -> None:
         self.config = config
         self.lifetime = lifetime
-        self.log_path = config.directory.parent / f"baresip-{config.user}.log"
+        # two phones can hold the same AoR (a delegate's phone on the delegator's line):
+        # ``name`` keeps their logs apart
+        self.log_path = config.directory.parent / f"baresip-{name or config.user}.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self.ctl: BaresipCtl | None = None
         self._log: IO[bytes] | None = None
@@ -217,7 +268,8 @@ class Baresip:
         d = self.config.write()
         self._log = open(self.log_path, "ab")  # noqa: SIM115 (outlives this call: baresip's stdout)
         self.proc = subprocess.Popen(
-            [binary, "-f", str(d), "-n", LOOPBACK, "-t", str(self.lifetime)],
+            [binary, "-f", str(d), "-n", LOOPBACK, "-t", str(self.lifetime)]
+            + (["-s"] if self.config.sip_trace else []),
             cwd=d,
             stdin=subprocess.DEVNULL,
             stdout=self._log,
@@ -286,3 +338,99 @@ class Baresip:
 
     def log_tail(self, lines: int = 30) -> str:
         return f"--- baresip log {self.log_path}\n{tail(self.log_path, lines)}"
+
+    # -- events, SIP trace and recordings (additions for the call tests) ---------------------
+
+    def pump(self, timeout: float = 0.0) -> None:
+        """Read whatever ctrl_tcp has (events land in ``ctl.events``)."""
+        if self.ctl is None:
+            raise RuntimeError("baresip is not running")
+        deadline = time.monotonic() + timeout
+        while True:
+            got = self.ctl._read(max(0.0, deadline - time.monotonic()))
+            if not got and time.monotonic() >= deadline:
+                return
+
+    @property
+    def events(self) -> list[dict[str, Any]]:
+        return self.ctl.events if self.ctl is not None else []
+
+    def wait_event(self, kind: str, timeout: float = 10.0, since: int = 0) -> dict[str, Any]:
+        """The first ctrl_tcp event of type ``kind`` at index >= ``since``; waits up to timeout.
+
+        Why ``since``: events accumulate for the whole life of the phone; a test takes
+        ``mark = len(phone.events)`` before an action and waits for what follows it.
+        """
+        if self.ctl is None:
+            raise RuntimeError("baresip is not running")
+        deadline = time.monotonic() + timeout
+        while True:
+            for ev in self.ctl.events[since:]:
+                if ev.get("type") == kind:
+                    return ev
+            left = deadline - time.monotonic()
+            if left <= 0:
+                seen = [e.get("type") for e in self.ctl.events[since:]]
+                raise TimeoutError(
+                    f"baresip {self.config.aor}: no {kind} within {timeout}s (events: {seen})\n"
+                    f"{self.log_tail()}"
+                )
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"baresip exited with {self.proc.returncode}\n{self.log_tail()}")
+            self.ctl._read(min(left, 0.2))
+
+    def sip_trace(self) -> list[TracedMessage]:
+        """Every SIP message in the log (needs ``sip_trace=True``), in order."""
+        try:
+            raw = self.log_path.read_bytes()
+        except OSError:
+            return []
+        out: list[TracedMessage] = []
+        own = f":{self.config.sip_port}"
+        for m in _TRACE.finditer(raw):
+            try:
+                msg = parse_message(m.group("msg"))
+            except SipParseError:
+                continue
+            dst = m.group("dst").decode()
+            out.append(
+                TracedMessage(
+                    m.group("transport").decode(),
+                    m.group("src").decode(),
+                    dst,
+                    dst.endswith(own),
+                    msg,
+                )
+            )
+        return out
+
+    def received(self, start: str) -> list[SipMessage]:
+        """Received messages whose start line begins with ``start`` ("CANCEL", "SIP/2.0 200")."""
+        return [
+            t.msg for t in self.sip_trace() if t.incoming and t.msg.start_line.startswith(start)
+        ]
+
+    def log_text(self) -> str:
+        """The whole log, ANSI colours stripped."""
+        try:
+            return _ANSI.sub("", self.log_path.read_text(errors="replace"))
+        except OSError:
+            return ""
+
+    def rtp_stats(self) -> list[tuple[int, int]]:
+        """(packets sent, packets received) per ended call, from the table baresip prints at
+        call end when its config has ``rtp_stats yes`` (``extra_config``)::
+
+            audio           Transmit:     Receive:
+            packets:            103          101
+        """
+        return [
+            (int(m.group(1)), int(m.group(2)))
+            for m in re.finditer(
+                r"Transmit:\s+Receive:\s*\r?\npackets:\s+(\d+)\s+(\d+)", self.log_text()
+            )
+        ]
+
+    def recordings(self, kind: str = "dec") -> list[Path]:
+        """sndfile's WAVs: ``dec`` = audio received from the network, ``enc`` = audio sent."""
+        return sorted((self.config.directory / "snd").glob(f"dump-*-{kind}.wav"))

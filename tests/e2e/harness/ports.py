@@ -61,19 +61,26 @@ def free_port(*, span: int = 1, udp: bool = True, tcp: bool = True) -> int:
     raise RuntimeError(f"no free loopback port (span {span}) after 500 attempts")
 
 
-def free_udp_range(size: int = 100, low: int = 20000, high: int = 32000) -> tuple[int, int]:
+def free_udp_range(
+    size: int = 100, low: int = 20000, high: int = 32000, *, probe_all: bool = False
+) -> tuple[int, int]:
     """An inclusive port range for RTP (below the kernel's ephemeral range, 32768+).
 
-    Only the first and last ports are probed: the registrar tests never set up media, the
-    range just has to be plausible and distinct per service instance.
+    By default only the first and last ports are probed: the registrar tests never set up
+    media, the range just has to be plausible and distinct per service instance. Tests that
+    do relay media pass ``probe_all=True``: every port of the range must be free for UDP
+    right now, because another program on the machine (an RTP benchmark binding thousands
+    of ports in 22000-29999, say) would otherwise make the service answer 503 "media ports
+    exhausted".
     """
     with _lock:
-        for _ in range(200):
+        for _ in range(200 if not probe_all else 2000):
             start = random.randrange(low, high - size) & ~1  # RTP ports are even
             end = start + size - 1
             if any(p in _handed_out for p in range(start, end + 1)):
                 continue
-            if port_is_free(start, tcp=False) and port_is_free(end, tcp=False):
+            probed = range(start, end + 1) if probe_all else (start, end)
+            if all(port_is_free(p, tcp=False) for p in probed):
                 _handed_out.update(range(start, end + 1))
                 return start, end
     raise RuntimeError("no free UDP range for media")

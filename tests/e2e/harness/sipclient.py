@@ -821,3 +821,244 @@ def rewrite_via_sent_by(data: bytes, host: str, port: int) -> tuple[bytes, str]:
         raise ValueError("message has no Via header to rewrite")
     new = data[: m.start("sentby")] + f"{host}:{port}".encode() + data[m.end("sentby") :]
     return new, m.group("transport").decode().upper()
+
+
+# --------------------------------------------------------------------------------------------
+# calls (INVITE as a UAC), for the call tests
+
+
+def offer_sdp(rtp_port: int, session_id: int | None = None) -> bytes:
+    """A minimal PCMU/PCMA audio offer on 127.0.0.1:``rtp_port``."""
+    sid = session_id if session_id is not None else secrets.randbelow(1 << 31)
+    return (
+        "v=0\r\n"
+        f"o=e2e {sid} 1 IN IP4 {LOOPBACK}\r\n"
+        "s=-\r\n"
+        f"c=IN IP4 {LOOPBACK}\r\n"
+        "t=0 0\r\n"
+        f"m=audio {rtp_port} RTP/AVP 0 8 101\r\n"
+        "a=rtpmap:0 PCMU/8000\r\n"
+        "a=rtpmap:8 PCMA/8000\r\n"
+        "a=rtpmap:101 telephone-event/8000\r\n"
+        "a=fmtp:101 0-15\r\n"
+        "a=sendrecv\r\n"
+    ).encode()
+
+
+@dataclass
+class CallResult:
+    """Everything one INVITE flow got back; ``final`` is the last final response."""
+
+    responses: list[SipMessage]
+    call_id: str
+    from_tag: str
+    from_uri: str
+    to_uri: str
+    cseq: int
+    to_header: str = ""  # To of the final response (with the callee's tag)
+    remote_target: str = ""  # Contact of the 2xx
+
+    @property
+    def final(self) -> SipMessage:
+        finals = [r for r in self.responses if r.status >= 200]
+        return finals[-1] if finals else self.responses[-1]
+
+    @property
+    def provisionals(self) -> list[SipMessage]:
+        return [r for r in self.responses if r.status < 200]
+
+    @property
+    def answered(self) -> bool:
+        return 200 <= self.final.status < 300
+
+    def describe(self) -> str:
+        return " -> ".join(f"{r.status} {r.reason}" for r in self.responses)
+
+
+class SipCaller:
+    """Places calls through the service as one phone: INVITE, 407 digest, ACK, BYE.
+
+    Why not SIPp: the identity tests need per-request control of From,
+    P-Preferred-Identity and the digest user, and a structured answer to assert on (403
+    vs 407 vs 486 vs 480). Non-2xx finals are ACKed in the INVITE's transaction (RFC 3261
+    §17.1.1.3), a 2xx with a new transaction to its Contact; requests the service sends us
+    (a BYE) are answered 200 and kept in ``client.stray``.
+    """
+
+    def __init__(self, client: SipClient, domain: str = LOOPBACK) -> None:
+        self.client = client
+        self.domain = domain
+
+    def _ack(self, result: CallResult, resp: SipMessage, branch: str | None, ruri: str) -> None:
+        data, _ = self.client.build_request(
+            "ACK",
+            ruri,
+            from_uri=result.from_uri,
+            to_uri=result.to_uri,
+            call_id=result.call_id,
+            cseq=result.cseq,
+            from_tag=result.from_tag,
+            branch=branch,
+        )
+        # the To of the response carries the callee's tag: use it verbatim
+        data = re.sub(
+            rb"^To: .*$",
+            b"To: " + (resp.get("to") or "").encode(),
+            data,
+            count=1,
+            flags=re.MULTILINE,
+        )
+        self.client.send_raw(data)
+
+    def answer_request(self, msg: SipMessage) -> None:
+        """Answer a request the service sent us (BYE, re-INVITE...) with 200, statelessly."""
+        lines = ["SIP/2.0 200 OK"]
+        for name in ("via", "from", "to", "call-id", "cseq"):
+            for value in msg.get_all(name):
+                lines.append(f"{name.title()}: {value}")
+        lines.append("Content-Length: 0")
+        self.client.send_raw(("\r\n".join(lines) + "\r\n\r\n").encode())
+
+    def invite(
+        self,
+        callee: str,
+        *,
+        user: str,
+        password: str | None,
+        auth_user: str | None = None,
+        from_user: str | None = None,
+        headers: Sequence[tuple[str, str]] = (),
+        sdp: bytes | None = None,
+        timeout: float = 15.0,
+    ) -> CallResult:
+        """INVITE ``sip:callee@domain`` as ``from_user`` (default ``user``); answer one 407.
+
+        Returns when a final response arrived (after the 407 round) or raises SipTimeout.
+        ``password=None`` never answers the challenge.
+        """
+        c = self.client
+        ruri = f"sip:{callee}@{self.domain}"
+        result = CallResult(
+            responses=[],
+            call_id=f"{secrets.token_hex(10)}@{LOOPBACK}",
+            from_tag=new_tag(),
+            from_uri=f"sip:{from_user or user}@{self.domain}",
+            to_uri=ruri,
+            cseq=0,
+        )
+        body = sdp if sdp is not None else offer_sdp(40000 + secrets.randbelow(10000) * 2)
+        base = [
+            *headers,
+            ("Contact", f"<sip:{from_user or user}@{c.local_hostport};transport={c.transport}>"),
+            ("Content-Type", "application/sdp"),
+        ]
+        auth: tuple[str, str] | None = None
+        deadline = time.monotonic() + timeout
+        for _round in range(2):
+            result.cseq += 1
+            data, branch = c.build_request(
+                "INVITE",
+                ruri,
+                from_uri=result.from_uri,
+                to_uri=result.to_uri,
+                call_id=result.call_id,
+                cseq=result.cseq,
+                from_tag=result.from_tag,
+                headers=base + ([auth] if auth else []),
+                body=body,
+            )
+            final = self._invite_transaction(result, data, branch, deadline)
+            if final.status in (401, 407) and auth is None and password is not None:
+                chosen = choose_challenge(challenges_of(final), ("MD5",))
+                value = build_authorization(
+                    chosen,
+                    username=auth_user or user,
+                    password=password,
+                    method="INVITE",
+                    uri=ruri,
+                )
+                auth = (chosen.answer_header, value)
+                continue
+            break
+        return result
+
+    def _invite_transaction(
+        self, result: CallResult, data: bytes, branch: str, deadline: float
+    ) -> SipMessage:
+        c = self.client
+        c.send_raw(data)
+        interval, next_send, provisional = 0.5, time.monotonic() + 0.5, False
+        while True:
+            now = time.monotonic()
+            if now >= deadline:
+                raise SipTimeout(f"no final response to INVITE ({result.describe()})")
+            wait = deadline - now
+            if c.transport == "udp" and not provisional:
+                wait = min(wait, max(0.0, next_send - now))
+            msg = c.recv(wait)
+            if msg is None:
+                if c.transport == "udp" and not provisional and time.monotonic() >= next_send:
+                    c.send_raw(data)
+                    interval = min(interval * 2, 4.0)
+                    next_send = time.monotonic() + interval
+                continue
+            if not msg.is_response:
+                if msg.method != "ACK":
+                    self.answer_request(msg)
+                c.stray.append(msg)
+                continue
+            if f"branch={branch}" not in (msg.get("via") or "") or msg.method != "INVITE":
+                c.stray.append(msg)
+                continue
+            result.responses.append(msg)
+            if msg.status < 200:
+                provisional = True
+                continue
+            result.to_header = msg.get("to") or ""
+            if msg.status < 300:
+                contacts = contacts_of(msg)
+                result.remote_target = contacts[0].uri if contacts else result.to_uri
+                self._ack(result, msg, None, result.remote_target)
+            else:
+                self._ack(result, msg, branch, result.to_uri)
+            return msg
+
+    def bye(self, result: CallResult, timeout: float = 5.0) -> SipMessage:
+        """Hang up an answered call; returns the final response to the BYE."""
+        c = self.client
+        result.cseq += 1
+        data, branch = c.build_request(
+            "BYE",
+            result.remote_target or result.to_uri,
+            from_uri=result.from_uri,
+            to_uri=result.to_uri,
+            call_id=result.call_id,
+            cseq=result.cseq,
+            from_tag=result.from_tag,
+        )
+        data = re.sub(
+            rb"^To: .*$", b"To: " + result.to_header.encode(), data, count=1, flags=re.MULTILINE
+        )
+        return c.transaction(data, branch, "BYE", timeout=timeout)
+
+    def wait_request(self, method: str, timeout: float = 5.0) -> SipMessage:
+        """Wait for a request from the service (e.g. the BYE when the callee hangs up),
+        answer it 200 and return it; earlier unrelated messages go to ``client.stray``."""
+        c = self.client
+        for msg in c.stray:
+            if not msg.is_response and msg.method == method:
+                c.stray.remove(msg)
+                return msg
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise SipTimeout(f"no {method} from the service within {timeout:.1f}s")
+            got = c.recv(left)
+            if got is None:
+                continue
+            if got.is_response or got.method != method:
+                c.stray.append(got)
+                continue
+            self.answer_request(got)
+            return got

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -23,9 +24,11 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
-from .ports import LOOPBACK, free_port
+from .ports import LOOPBACK, free_port, port_is_free
 from .service import tail
+from .sipclient import SipMessage, SipParseError, parse_message
 
 SCENARIO_DIR = Path(__file__).resolve().parent.parent / "scenarios"
 
@@ -80,6 +83,13 @@ class SippResult:
     @property
     def created(self) -> int:
         return self.counter("OutgoingCall(C)") + self.counter("IncomingCall(C)")
+
+    def messages(self, direction: str = "received") -> list[SipMessage]:
+        """Messages from the full trace (runs started with ``start_sipp``), in order."""
+        path = self.files.get("trace")
+        if path is None:
+            return []
+        return [m for d, m in read_message_trace(path) if d == direction]
 
     def failure_breakdown(self) -> dict[str, int]:
         return {
@@ -184,6 +194,44 @@ def _run_sipp_once(
     extra: Sequence[str],
     trace_messages: bool,
 ) -> SippResult:
+    run = _start_sipp(
+        scenario,
+        target=target,
+        workdir=workdir,
+        name=name,
+        transport=transport,
+        inf=inf,
+        calls=calls,
+        rate=rate,
+        limit=limit,
+        recv_timeout_ms=recv_timeout_ms,
+        run_timeout=run_timeout,
+        local_port=local_port,
+        extra=extra,
+        trace_messages=trace_messages,
+        full_trace=False,
+    )
+    return run.wait()
+
+
+def _start_sipp(
+    scenario: str | Path,
+    *,
+    target: tuple[str, int],
+    workdir: Path,
+    name: str,
+    transport: str,
+    inf: Path | None,
+    calls: int,
+    rate: float,
+    limit: int | None,
+    recv_timeout_ms: int,
+    run_timeout: float,
+    local_port: int | None,
+    extra: Sequence[str],
+    trace_messages: bool,
+    full_trace: bool,
+) -> SippProcess:
     binary = sipp_binary()
     if binary is None:
         raise FileNotFoundError("sipp not found (Debian: apt-get install sip-tester)")
@@ -201,6 +249,9 @@ def _run_sipp_once(
         "messages": workdir / f"{name}_shortmessages.log",
         "stdout": workdir / f"{name}_stdout.log",
     }
+    if full_trace:
+        files["trace"] = workdir / f"{name}_messages.log"
+        files["logs"] = workdir / f"{name}_logs.log"
     for p in files.values():
         p.unlink(missing_ok=True)
     sip_port = local_port or free_port()
@@ -224,11 +275,14 @@ def _run_sipp_once(
     ]  # fmt: skip
     if trace_messages:
         cmd += ["-trace_shortmsg", "-shortmessage_file", str(files["messages"])]
+    if full_trace:
+        cmd += ["-trace_msg", "-message_file", str(files["trace"])]
+        cmd += ["-trace_logs", "-log_file", str(files["logs"])]
     if inf is not None:
         cmd += ["-inf", str(inf)]
     cmd += list(extra)
-    timed_out = False
-    with open(files["stdout"], "wb") as out:
+    out = open(files["stdout"], "wb")  # noqa: SIM115 (outlives this call: SIPp's stdout)
+    try:
         proc = subprocess.Popen(
             cmd,
             cwd=workdir,
@@ -237,18 +291,196 @@ def _run_sipp_once(
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
+    except BaseException:
+        out.close()
+        raise
+    return SippProcess(proc, cmd, workdir, name, sip_port, files, run_timeout, out)
+
+
+class SippProcess:
+    """A SIPp run in flight: ``wait()`` bounds it and returns its ``SippResult``.
+
+    Why: a SIPp UAS (a desk phone that rings, answers or is busy) must be listening while the
+    test places the call, so it runs in the background; ``run_sipp`` is start + wait.
+    """
+
+    def __init__(
+        self,
+        proc: subprocess.Popen[bytes],
+        cmd: list[str],
+        workdir: Path,
+        name: str,
+        local_port: int,
+        files: dict[str, Path],
+        run_timeout: float,
+        out: IO[bytes],
+    ) -> None:
+        self.proc = proc
+        self.cmd = cmd
+        self.workdir = workdir
+        self.name = name
+        self.local_port = local_port
+        self.files = files
+        self.deadline = time.monotonic() + run_timeout
+        self._out = out
+        self.result: SippResult | None = None
+
+    def wait(self, timeout: float | None = None) -> SippResult:
+        """Wait for the exit (at most ``timeout`` s, or until the run's own deadline).
+
+        On the deadline the process group is SIGTERMed (SIPp then writes its statistics).
+        """
+        if self.result is not None:
+            return self.result
+        left = self.deadline - time.monotonic()
+        if timeout is not None:
+            left = min(left, timeout)
+        timed_out = False
         try:
-            rc = proc.wait(run_timeout)
+            rc = self.proc.wait(max(0.0, left))
         except subprocess.TimeoutExpired:
             timed_out = True
-            rc = _terminate_group(proc)
-    # the stat file is written at exit; give a slow filesystem a moment
-    deadline = time.monotonic() + 2.0
-    stats = read_stat_csv(files["stat"])
-    while not stats and time.monotonic() < deadline:
-        time.sleep(0.1)
-        stats = read_stat_csv(files["stat"])
-    return SippResult(rc, stats, workdir, name, cmd, sip_port, timed_out, files)
+            rc = _terminate_group(self.proc)
+        self._out.close()
+        # the stat file is written at exit; give a slow filesystem a moment
+        deadline = time.monotonic() + 2.0
+        stats = read_stat_csv(self.files["stat"])
+        while not stats and time.monotonic() < deadline:
+            time.sleep(0.1)
+            stats = read_stat_csv(self.files["stat"])
+        self.result = SippResult(
+            rc, stats, self.workdir, self.name, self.cmd, self.local_port, timed_out, self.files
+        )
+        return self.result
+
+    def stop(self) -> SippResult:
+        """End the run now (SIGTERM, then SIGKILL) and collect what it wrote."""
+        return self.wait(timeout=0.0)
+
+    def listening(self) -> bool:
+        """True once SIPp has bound its UDP SIP port (so an INVITE sent now is received)."""
+        return self.proc.poll() is None and not port_is_free(self.local_port, tcp=False)
+
+    def wait_listening(self, timeout: float = 5.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not self.listening():
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"sipp {self.name} exited early\n{self.wait().describe()}")
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"sipp {self.name} not listening on {self.local_port}")
+            time.sleep(0.05)
+
+    def describe(self) -> str:
+        """For failure reports: the result if it ended, else the command line."""
+        if self.result is not None:
+            return self.result.describe()
+        running = SippResult(-1, {}, self.workdir, self.name, self.cmd, self.local_port)
+        running.files = self.files
+        return "(still running) " + running.describe()
+
+
+def start_sipp(
+    scenario: str | Path,
+    *,
+    target: tuple[str, int],
+    workdir: Path,
+    name: str = "sipp",
+    transport: str = "u1",
+    calls: int = 1,
+    recv_timeout_ms: int = 10000,
+    run_timeout: float = 60.0,
+    local_port: int | None = None,
+    keys: dict[str, str] | None = None,
+    extra: Sequence[str] = (),
+) -> SippProcess:
+    """Start SIPp in the background with a full message trace (``SippResult.messages()``).
+
+    ``keys`` become ``-key NAME VALUE`` (the scenario's ``[NAME]``). Use ``local_port`` to
+    run a UAS on the port a ``register_sipp`` call registered.
+    """
+    args = list(extra)
+    for k, v in (keys or {}).items():
+        args += ["-key", k, v]
+    return _start_sipp(
+        scenario,
+        target=target,
+        workdir=workdir,
+        name=name,
+        transport=transport,
+        inf=None,
+        calls=calls,
+        rate=10.0,
+        limit=None,
+        recv_timeout_ms=recv_timeout_ms,
+        run_timeout=run_timeout,
+        local_port=local_port,
+        extra=args,
+        trace_messages=True,
+        full_trace=True,
+    )
+
+
+def register_sipp(
+    target: tuple[str, int],
+    *,
+    workdir: Path,
+    aor_user: str,
+    password: str,
+    auth_user: str | None = None,
+    local_port: int | None = None,
+    expires: int = 300,
+    name: str | None = None,
+) -> SippResult:
+    """REGISTER ``aor_user`` with Contact on SIPp's port (``result.local_port``), digest auth.
+
+    Run a UAS with ``local_port=result.local_port`` afterwards: the service forks to the
+    binding's source address, which is that port.
+    """
+    return run_sipp(
+        "reg_one.xml",
+        target=target,
+        workdir=workdir,
+        name=name or f"reg_{aor_user}",
+        calls=1,
+        local_port=local_port or free_port(),
+        run_timeout=15.0,
+        extra=[
+            "-s", aor_user,
+            "-au", auth_user or aor_user,
+            "-ap", password,
+            "-key", "expires", str(expires),
+        ],
+    )  # fmt: skip
+
+
+#: One entry of SIPp's ``-trace_msg`` file: a dashed line with a timestamp, then
+#: "UDP message received [N] bytes :" or "UDP message sent (N bytes):", a blank line, the
+#: message.
+_MSG_ENTRY = re.compile(
+    r"^-{10,} [^\n]*\n(?P<proto>\S+) message (?P<dir>received|sent)[^\n]*:\n\n",
+    re.MULTILINE,
+)
+
+
+def read_message_trace(path: Path) -> list[tuple[str, SipMessage]]:
+    """Parse a ``-trace_msg`` file into ("received"|"sent", message) pairs, in order."""
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return []
+    heads = list(_MSG_ENTRY.finditer(text))
+    out: list[tuple[str, SipMessage]] = []
+    for i, m in enumerate(heads):
+        end = heads[i + 1].start() if i + 1 < len(heads) else len(text)
+        chunk = text[m.end() : end].strip("\n")
+        if not chunk.strip():
+            continue
+        try:
+            msg = parse_message(chunk.replace("\r\n", "\n").replace("\n", "\r\n").encode())
+        except SipParseError:
+            continue
+        out.append((m.group("dir"), msg))
+    return out
 
 
 def _terminate_group(proc: subprocess.Popen[bytes]) -> int:
