@@ -590,20 +590,35 @@ class B2BUA:
             shown = state
             if state is CallState.RINGING and ref.direction is Direction.OUTBOUND:
                 shown = CallState.DIALING
-            self.bus.publish(
-                LineEvent(
-                    ref.line,
-                    call.id,
-                    shown,
-                    ref.direction,
-                    ref.party or answered_by,
-                    ref.remote,
-                    ref.remote_name,
-                    call.started_at,
-                    now,
-                    reason,
-                )
+            event = LineEvent(
+                ref.line,
+                call.id,
+                shown,
+                ref.direction,
+                ref.party or answered_by,
+                ref.remote,
+                ref.remote_name,
+                call.started_at,
+                now,
+                reason,
+                dialog=self._dialog_id(call, ref.direction),
             )
+            self.bus.publish(event)
+
+    @staticmethod
+    def _dialog_id(call: Call, direction: Direction) -> tuple[str, str, str] | None:
+        """The party's dialog as its phone knows it: (Call-ID, phone's tag, our tag).
+
+        An inbound line's party is on the outbound leg (every fork shares its Call-ID and our
+        tag; the phone's tag is known once it answers); an outbound line's party is the caller.
+        """
+        if direction is Direction.OUTBOUND:
+            a = call.a
+            if a is None or a.invite is None:
+                return None
+            return (a.invite.request.call_id, a.invite.request.from_.tag or "", a.local_tag)
+        phone_tag = call.b.dialog.remote_tag if call.b and call.b.dialog else None
+        return (call.b_call_id, phone_tag or "", call.b_from_tag)
 
     def _publish_hold_state(self, call: Call, body: bytes, by: Leg) -> None:
         if not body:

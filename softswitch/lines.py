@@ -43,15 +43,87 @@ class LineEvent:
     started_at: float  # wall clock, when the call began
     at: float  # wall clock, when this change happened
     reason: str | None = None  # for ENDED: "bye", "cancel", "busy", "timeout", ...
+    #: The party's dialog as the party's phone knows it: (Call-ID, the phone's tag, our tag).
+    #: Phones quote it in `Replaces` to pick the call up; dialog-info NOTIFYs carry it.
+    dialog: tuple[str, str, str] | None = None
+    private: bool = False  # held privately: nobody else may retrieve it
+
+
+@dataclass(frozen=True, slots=True)
+class LineCall:
+    """The current state of one call on a line, as every member sees it."""
+
+    call_id: str
+    state: CallState
+    direction: Direction
+    party: str | None
+    remote: str
+    remote_name: str | None
+    started_at: float
+    changed_at: float
+    dialog: tuple[str, str, str] | None
+    private: bool
+
+    @classmethod
+    def of(cls, e: LineEvent) -> LineCall:
+        return cls(
+            e.call_id,
+            e.state,
+            e.direction,
+            e.party,
+            e.remote,
+            e.remote_name,
+            e.started_at,
+            e.at,
+            e.dialog,
+            e.private,
+        )
 
 
 Subscriber = Callable[[LineEvent], None]
 
 
-class LineBus:
-    """Publish/subscribe for line events."""
+class LineModel:
+    """The single source of truth for what is on each line right now.
+
+    It is the bus's first subscriber, so by the time any other subscriber sees an event the
+    model already reflects it. `version(line)` increases by one per change of that line: the
+    dialog-info `version` attribute and the HTTP event stream's ids come from it.
+    """
 
     def __init__(self) -> None:
+        self._calls: dict[str, dict[str, LineCall]] = {}
+        self._versions: dict[str, int] = {}
+
+    def apply(self, event: LineEvent) -> None:
+        calls = self._calls.setdefault(event.line, {})
+        if event.state is CallState.ENDED:
+            calls.pop(event.call_id, None)
+            if not calls:
+                del self._calls[event.line]
+        else:
+            calls[event.call_id] = LineCall.of(event)
+        self._versions[event.line] = self._versions.get(event.line, 0) + 1
+
+    def calls(self, line: str) -> list[LineCall]:
+        """The line's calls, oldest first."""
+        return sorted(self._calls.get(line, {}).values(), key=lambda c: c.started_at)
+
+    def call(self, line: str, call_id: str) -> LineCall | None:
+        return self._calls.get(line, {}).get(call_id)
+
+    def version(self, line: str) -> int:
+        return self._versions.get(line, 0)
+
+    def busy_lines(self) -> list[str]:
+        return sorted(self._calls)
+
+
+class LineBus:
+    """Publish/subscribe for line events, keeping the `LineModel` current first."""
+
+    def __init__(self, model: LineModel | None = None) -> None:
+        self.model = model or LineModel()
         self._subscribers: list[Subscriber] = []
 
     def subscribe(self, fn: Subscriber) -> Callable[[], None]:
@@ -70,6 +142,7 @@ class LineBus:
             remote=event.remote,
             reason=event.reason,
         )
+        self.model.apply(event)
         for fn in list(self._subscribers):
             try:
                 fn(event)

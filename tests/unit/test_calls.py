@@ -287,3 +287,21 @@ async def test_missing_ack_hangs_up_both_sides() -> None:
     assert len(rig.take(CALLER, "BYE")) == 1
     assert len(rig.take(PHONES[0], "BYE")) == 1
     assert rig.b2bua.calls == {}
+
+
+async def test_line_model_follows_the_call_and_returns_to_idle() -> None:
+    rig = Rig()
+    await rig.invite(2)
+    model = rig.bus.model
+    (ringing,) = model.calls("1001")
+    assert ringing.state is CallState.RINGING and ringing.party is None
+    assert ringing.dialog is not None and ringing.dialog[1] == ""  # nobody answered yet
+    rig.answer(PHONES[1], 180, "t1")
+    rig.answer(PHONES[1], 200, "t1", SDP)
+    (active,) = model.calls("1001")
+    assert active.state is CallState.ACTIVE and active.party == "1002"
+    (inv,) = rig.take(PHONES[1], "INVITE")
+    assert active.dialog == (inv.call_id, "t1", inv.from_.tag)
+    rig.b2bua.on_ack_timeout(rig.b2bua.calls[active.call_id].a.invite)  # type: ignore[union-attr,arg-type]
+    assert model.calls("1001") == [] and model.busy_lines() == []
+    assert model.version("1001") == 3
