@@ -201,13 +201,15 @@ def parse_message(data: bytes, *, stream: bool = False, max_size: int | None = N
     start = lines[0]
     if start[:4].upper() == "SIP/":
         status, reason = _parse_status_line(start)
-        headers = Headers(_parse_header_lines(lines[1:]))
-        msg: SipMessage = Response(status, reason, headers, _frame_body(headers, body, stream))
+        items, fields = _parse_header_lines(lines[1:])
+        body = _frame_body(fields.get("content-length"), body, stream)
+        msg: SipMessage = Response(status, reason, Headers(items), body)
     else:
         method, uri = _parse_request_line(start)
-        headers = Headers(_parse_header_lines(lines[1:]))
-        msg = Request(method, uri, headers, _frame_body(headers, body, stream))
-    validate(msg)
+        items, fields = _parse_header_lines(lines[1:])
+        body = _frame_body(fields.get("content-length"), body, stream)
+        msg = Request(method, uri, Headers(items), body)
+    _check(msg, fields)
     return msg
 
 
@@ -259,10 +261,17 @@ _NAMES: dict[str, tuple[str, str]] = {}
 _NAMES_MAX = 2048
 
 
-def _parse_header_lines(lines: list[str]) -> list[tuple[str, str, str]]:
+def _parse_header_lines(
+    lines: list[str],
+) -> tuple[list[tuple[str, str, str]], dict[str, list[str]]]:
+    """The `Headers` entries of the header lines, and the values of the headers `_check` reads.
+
+    Collecting those here saves a second pass over the list for validation.
+    """
     items: list[tuple[str, str, str]] = []
-    append = items.append
+    fields: dict[str, list[str]] = {}
     names = _NAMES
+    checked = _CHECKED
     for line in lines:
         raw_name, colon, value = line.partition(":")
         known = names.get(raw_name) if colon else None
@@ -273,12 +282,19 @@ def _parse_header_lines(lines: list[str]) -> list[tuple[str, str, str]]:
             known = (header_key(name), name)
             if len(names) < _NAMES_MAX:
                 names[raw_name] = known
-        append((known[0], known[1], value.strip(WS)))
-    return items
+        key = known[0]
+        value = value.strip(WS)
+        items.append((key, known[1], value))
+        if key in checked:
+            if key in fields:
+                fields[key].append(value)
+            else:
+                fields[key] = [value]
+    return items, fields
 
 
-def _frame_body(headers: Headers, body: bytes, stream: bool) -> bytes:
-    cl_values = [v for k, _, v in headers._items if k == "content-length"]
+def _frame_body(cl_values: list[str] | None, body: bytes, stream: bool) -> bytes:
+    """The body as Content-Length delimits it (all of the rest for a datagram without one)."""
     if not cl_values:
         if stream:
             raise ParseError("missing Content-Length on a stream transport")
@@ -330,18 +346,21 @@ def validate(msg: SipMessage) -> None:
     `mismatch02` too, since a request we cannot vouch for the method of is not worth a 501).
 
     The typed values parsed on the way are left in the header cache, so the properties that
-    read them later cost a dictionary lookup. One pass over the header list collects the
-    values, rather than a lookup per header.
+    read them later cost a dictionary lookup.
     """
-    h = msg.headers
     fields: dict[str, list[str]] = {}
-    for key, _, value in h._items:
+    for key, _, value in msg.headers._items:
         if key in _CHECKED:
-            values = fields.get(key)
-            if values is None:
-                fields[key] = [value]
+            if key in fields:
+                fields[key].append(value)
             else:
-                values.append(value)
+                fields[key] = [value]
+    _check(msg, fields)
+
+
+def _check(msg: SipMessage, fields: dict[str, list[str]]) -> None:
+    """`validate` given the raw values of the `_CHECKED` headers, one list entry per line."""
+    h = msg.headers
     for name in _MANDATORY:
         if name not in fields:
             raise ParseError(f"missing {name} header")
@@ -421,7 +440,7 @@ _VIEWS: dict[str, Callable[[list[str]], object]] = {
     "max-forwards": _max_forwards_from,
 }
 _MANDATORY = ("via", "from", "to", "call-id", "cseq")
-_CHECKED = frozenset((*_VIEWS, *_MANDATORY, "date"))
+_CHECKED = frozenset((*_VIEWS, *_MANDATORY, "date", "content-length"))
 
 
 # The `Headers.parsed` forms, used when a property is read before (or without) `validate`.

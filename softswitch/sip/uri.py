@@ -154,7 +154,10 @@ class SipUri:
 
 def _canon_host(host: str) -> str:
     if host.startswith("["):  # [::1] and [0:0::1] are one address
-        return "[" + ipaddress.IPv6Address(host[1:-1]).compressed + "]"
+        try:
+            return "[" + ipaddress.IPv6Address(host[1:-1]).compressed + "]"
+        except ValueError:  # a SipUri built by hand rather than parsed
+            pass
     return host.lower()
 
 
@@ -190,7 +193,24 @@ class TelUri:
         return "".join(c for c in self.number if c not in "-.()")
 
     def equivalent(self, other: object) -> bool:
-        return isinstance(other, TelUri) and self.digits == other.digits
+        """RFC 3966 §4: same digits without separators, and the same parameters (any order).
+
+        Comparison is case-insensitive; a `phone-context` that is a number loses its visual
+        separators too. `tel:7042;phone-context=a.example` is not `tel:7042` elsewhere.
+        """
+        return (
+            isinstance(other, TelUri)
+            and self.digits.lower() == other.digits.lower()
+            and _tel_params(self.params) == _tel_params(other.params)
+        )
+
+
+def _tel_params(params: tuple[tuple[str, str | None], ...]) -> dict[str, str]:
+    out = {k.lower(): (v or "").lower() for k, v in params}
+    context = out.get("phone-context", "")
+    if context.startswith("+"):
+        out["phone-context"] = "".join(c for c in context if c not in "-.()")
+    return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,8 +230,26 @@ class AbsoluteUri:
 Uri = SipUri | TelUri | AbsoluteUri
 
 
+# Parsed URIs by their text. The same few URIs come back all day (a phone's Contact on every
+# refresh, a user's address of record in From and To, the Request-URI of each call to them) and
+# URIs are immutable, so a hit can be shared. Only successful parses are kept; when full, the
+# cache is simply emptied, which bounds it without the bookkeeping of an LRU.
+_CACHE: dict[str, Uri] = {}
+_CACHE_MAX = 4096
+
+
 def parse_uri(text: str) -> Uri:
     """Parse a URI; raise ParseError (400) if it is not a valid SIP, SIPS, tel or absolute URI."""
+    uri = _CACHE.get(text)
+    if uri is None:
+        uri = _parse_uri(text)
+        if len(_CACHE) >= _CACHE_MAX:
+            _CACHE.clear()
+        _CACHE[text] = uri
+    return uri
+
+
+def _parse_uri(text: str) -> Uri:
     scheme, colon, rest = text.partition(":")
     if scheme in ("sip", "sips"):  # the common case, spelled in lower case
         return _parse_sip(rest, scheme, text)
