@@ -14,10 +14,12 @@ from collections.abc import Callable
 
 import structlog
 
-from dialplan import Config
+from dialplan import Config, Permission
+from dialplan.routing import lines_of, may_act_as
 
 from .call_setup import Admit, CallSetup, Feature, Refuse
-from .calls import B2BUA
+from .calls import B2BUA, Call
+from .lines import CallState
 from .sip.message import Request, Response
 from .sip.transaction import Address, ClientTransaction, ServerTransaction
 from .sip.transaction_layer import TransactionLayer
@@ -70,6 +72,9 @@ class CallControl:
                 self.respond(txn, req, req.make_response(481), source)
                 return True
             self.b2bua.on_in_dialog(txn, req, leg)
+            return True
+        if req.method == "INVITE" and req.headers.get("replaces"):
+            self._on_replaces(txn, req, source)
             return True
         if req.method == "INVITE":
             self._on_invite(txn, req, source)
@@ -135,6 +140,97 @@ class CallControl:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    # --- taking calls over: Replaces (RFC 3891) and the pickup/retrieve codes --------------
+    def _on_replaces(self, txn: ServerTransaction, req: Request, source: Address) -> None:
+        now = time.time()
+        user = self.setup.authenticate(req, now)
+        if isinstance(user, Refuse):
+            self._refuse(txn, req, source, user, now)
+            return
+        try:
+            call_id, early_only = _parse_replaces(req.headers.get("replaces") or "")
+        except ValueError:
+            self.respond(txn, req, req.make_response(400, "Bad Replaces", to_tag=_tag()), source)
+            return
+        call = self.b2bua.find_call(call_id)
+        if call is None or call.ended:
+            self.respond(
+                txn,
+                req,
+                req.make_response(481, to_tag=_tag()),
+                source,
+                event="replaces_no_call",
+                user=user,
+            )
+            return
+        if early_only and call.b is not None:
+            self.respond(
+                txn,
+                req,
+                req.make_response(486, to_tag=_tag()),
+                source,
+                event="replaces_not_early",
+                user=user,
+            )
+            return
+        self._take_over(txn, req, source, user, call)
+
+    def _take_over(
+        self, txn: ServerTransaction, req: Request, source: Address, user: str, call: Call
+    ) -> None:
+        """Pick up (ringing) or retrieve (established) `call` for `user`, if they may."""
+        ref = next(
+            (r for r in call.lines if may_act_as(self.cfg, user, r.line, Permission.PICKUP)), None
+        )
+        if ref is None:
+            log.warning("pickup_refused", user=user, call=call.id, reason="not a party")
+            self.respond(
+                txn,
+                req,
+                req.make_response(403, "Forbidden", to_tag=_tag()),
+                source,
+                event="pickup_refused",
+                user=user,
+            )
+            return
+        if call.private and call.held_by != user:
+            log.warning("pickup_refused", user=user, call=call.id, reason="private hold")
+            self.respond(
+                txn,
+                req,
+                req.make_response(403, "Call Is Private", to_tag=_tag()),
+                source,
+                event="pickup_refused_private",
+                user=user,
+            )
+            return
+        log.info(
+            "call_take_over",
+            user=user,
+            call=call.id,
+            line=ref.line,
+            kind="pickup" if call.b is None else "retrieve",
+        )
+        if call.b is None:
+            self.b2bua.pickup(call, txn, req, source, user)
+        else:
+            self.b2bua.retrieve(call, ref, txn, req, source, user)
+
+    def _find_on_lines(self, user: str, line: str, states: tuple[CallState, ...]) -> Call | None:
+        """The oldest call in `states` on `line` (or any line of `user` when empty)."""
+        lines = [line] if line else list(lines_of(self.cfg, user))
+        model = self.b2bua.bus.model
+        for candidate in lines:
+            for lc in model.calls(candidate):
+                call = self.b2bua.calls.get(lc.call_id)
+                if lc.state in states and call is not None:
+                    if lc.state is CallState.HELD and call.private and call.held_by != user:
+                        continue
+                    if lc.party == user and lc.state is not CallState.HELD:
+                        continue  # your own active call is not something to pick up
+                    return call
+        return None
+
     # --- feature codes ----------------------------------------------------------------------
     def _feature(self, txn: ServerTransaction, req: Request, source: Address, f: Feature) -> None:
         """Toggle features answer with a final response whose reason phrase says the new state:
@@ -145,6 +241,27 @@ class CallControl:
             "ring_opt_out": lambda: self._opt(f, False),
             "ring_opt_in": lambda: self._opt(f, True),
         }
+        if f.feature in ("pickup", "retrieve"):
+            states = (CallState.RINGING,) if f.feature == "pickup" else (CallState.HELD,)
+            call = self._find_on_lines(f.user, f.argument, states)
+            if call is None:
+                resp = req.make_response(404, "No Call To Pick Up", to_tag=_tag())
+                self.respond(txn, req, resp, source, event=f"feature_{f.feature}", user=f.user)
+                return
+            self._take_over(txn, req, source, f.user, call)
+            return
+        if f.feature == "private_hold":
+            locked = self.b2bua.make_private(f.user)
+            reason = "Call Locked" if locked else "No Held Call"
+            self.respond(
+                txn,
+                req,
+                req.make_response(480, reason, to_tag=_tag()),
+                source,
+                event="feature_private_hold",
+                user=f.user,
+            )
+            return
         handler = handlers.get(f.feature)
         if handler is None:
             resp = req.make_response(501, "Feature Not Available", to_tag=_tag())
@@ -196,6 +313,15 @@ class CallControl:
     def on_stray(self, resp: Response) -> None:
         if 200 <= resp.status < 300 and resp.cseq.method == "INVITE":
             self.b2bua.on_stray_2xx(resp)
+
+
+def _parse_replaces(value: str) -> tuple[str, bool]:
+    """`Replaces: call-id;to-tag=..;from-tag=..[;early-only]` -> (call-id, early-only)."""
+    call_id, _, params = value.strip().partition(";")
+    if not call_id.strip() or "to-tag=" not in params or "from-tag=" not in params:
+        raise ValueError(f"malformed Replaces: {value!r}")
+    flags = {p.strip().split("=", 1)[0].lower() for p in params.split(";")}
+    return call_id.strip(), "early-only" in flags
 
 
 def _tag() -> str:

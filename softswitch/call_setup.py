@@ -103,6 +103,10 @@ class CallSetup:
         return self._admit(req, user, identity, route, now)
 
     # --- steps ------------------------------------------------------------------------------
+    def authenticate(self, req: Request, now: float) -> str | Refuse:
+        """The authenticated user of an INVITE-like request (407 first), or the refusal."""
+        return self._authenticate(req, now)
+
     def _authenticate(self, req: Request, now: float) -> str | Refuse:
         values = [v for n, v in req.headers if n.lower() == "proxy-authorization"]
         if not values:

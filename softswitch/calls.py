@@ -17,13 +17,15 @@ import heapq
 import itertools
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Any, Protocol
 
 import structlog
 
 from media.errors import MediaError, PortsExhausted, SdpError
+from media.negotiation import answer_from_offer
+from media.sdp import Direction as SdpDirection
 from media.sdp import OriginState, SessionDescription, parse_sdp, rewrite
 
 from .lines import CallState, Direction, LineBus, LineEvent
@@ -37,6 +39,7 @@ from .sip.uri import SipUri, parse_uri
 log = structlog.get_logger("softswitch.calls")
 
 COMPLETED_ELSEWHERE = 'SIP;cause=200;text="Call completed elsewhere"'
+RETRIEVED_ELSEWHERE = 'SIP;cause=200;text="Call retrieved elsewhere"'
 ALLOW = "INVITE, ACK, CANCEL, BYE, OPTIONS, UPDATE, INFO, REFER, NOTIFY, SUBSCRIBE"
 #: Headers carried from one leg's request or response to the other's.
 RELAYED_HEADERS = (
@@ -96,6 +99,7 @@ class Leg:
     cancel_pending: bool = False
     cancel_reason: str | None = None
     local_tag: str = field(default_factory=new_tag)
+    media: Any = None  # the relay endpoint facing this leg's phone
 
 
 @dataclass(eq=False, slots=True)
@@ -104,6 +108,8 @@ class Pending:
 
     server: ServerTransaction
     from_leg: Leg
+    #: (old leg, new leg) when the request re-targets the call to another phone (retrieve)
+    takeover: tuple[Leg, Leg] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,7 +144,8 @@ class Call:
     b_call_id: str = ""
     b_from: str = ""  # From header value (without tag) towards the callees
     b_from_tag: str = field(default_factory=new_tag)
-    pending: dict[int, Pending] = field(default_factory=dict)
+    held_by: str | None = None  # the party whose phone holds the call
+    private: bool = False  # held privately: only `held_by` may retrieve it
     failures: list[int] = field(default_factory=list)
     outstanding: int = 0  # forks not yet finished (including delayed ones not yet sent)
 
@@ -175,6 +182,7 @@ class B2BUA:
         self.flush = flush
         self.calls: dict[str, Call] = {}
         self._dialogs: dict[tuple[str, str], Leg] = {}  # (Call-ID, our tag) -> leg
+        self._call_ids: dict[str, Call] = {}  # every leg's Call-ID -> call (for Replaces)
         self._clients: dict[ClientTransaction, Leg] = {}
         self._relayed: dict[ClientTransaction, Pending] = {}
         self._timers: list[tuple[float, int, Callable[[], None]]] = []
@@ -233,10 +241,13 @@ class B2BUA:
         if txn.terminated:  # cancelled while we were binding sockets
             self._release_media(call)
             return
+        a.media = call.a_media
         self._set_remote(call.a_media, call.offer)
         self.calls[call.id] = call
         self._dialogs[(req.call_id, a.local_tag)] = a
+        self._call_ids[req.call_id] = call
         call.b_call_id = new_call_id(self.local("udp").host)
+        self._call_ids[call.b_call_id] = call
         call.b_from = caller_from
         call.outstanding = len(targets)
         t0 = self._now()
@@ -253,7 +264,9 @@ class B2BUA:
         if call.ended or call.b is not None:
             return
         assert call.offer is not None
-        leg = Leg(call, target.party, target.dest, None, local_tag=call.b_from_tag)
+        leg = Leg(
+            call, target.party, target.dest, None, local_tag=call.b_from_tag, media=call.b_media
+        )
         body = rewrite(
             call.offer, self.media.address, self._ports(call.offer, call.b_media), leg.origin
         )
@@ -494,7 +507,10 @@ class B2BUA:
         self.flush()
 
     def _relay_response(self, txn: ClientTransaction, pending: Pending, resp: Response) -> None:
-        if resp.status == 100:
+        if resp.status < 200 and (resp.status == 100 or pending.takeover is not None):
+            return
+        if pending.takeover is not None:
+            self._complete_takeover(txn, pending, resp)
             return
         to_leg = pending.from_leg
         other = to_leg.call.b if to_leg is to_leg.call.a else to_leg.call.a
@@ -531,7 +547,7 @@ class B2BUA:
         leg = self.find_leg(req)
         if leg is None:
             return False
-        if leg is leg.call.a and isinstance(leg.invite, ServerTransaction):
+        if isinstance(leg.invite, ServerTransaction):
             self.layer.stop_2xx_retransmission(leg.invite)
         return True
 
@@ -556,6 +572,152 @@ class B2BUA:
         self.layer.send_stateless(ack, leg.dest)
         self.flush()
 
+    # --- taking a call over from another phone (pickup, retrieve) ---------------------------
+    def find_call(self, call_id: str) -> Call | None:
+        """The call one of whose legs has this Call-ID (what a `Replaces` header names)."""
+        return self._call_ids.get(call_id)
+
+    def party_leg(self, call: Call, ref: LineRef) -> Leg | None:
+        """The leg of the line member on `ref`'s line: the callee side of an inbound line."""
+        return call.b if ref.direction is Direction.INBOUND else call.a
+
+    def pickup(
+        self, call: Call, txn: ServerTransaction, req: Request, source: Address, party: str
+    ) -> None:
+        """Answer a ringing call from another phone (`*8`, `Replaces;early-only`).
+
+        The caller's INVITE and the picker's INVITE are both offers: each is answered with its
+        own offer restricted to the codecs the other offered (media.negotiation).
+        """
+        a = call.a
+        assert a is not None and isinstance(a.invite, ServerTransaction)
+        theirs = self._offer_of(req, txn)
+        if theirs is None or call.offer is None:
+            return
+        c = Leg(call, party, source, txn, media=call.b_media)
+        for fork in call.forks:
+            if fork.state in (LegState.CALLING, LegState.EARLY):
+                self._cancel_fork(fork, COMPLETED_ELSEWHERE)
+        self._set_remote(call.b_media, theirs)
+        to_a = a.invite.request.make_response(200, "OK", to_tag=a.local_tag)
+        self._finish_answer(a, to_a, answer_from_offer(call.offer, theirs))
+        to_c = req.make_response(200, "OK", to_tag=c.local_tag)
+        self._finish_answer(c, to_c, answer_from_offer(theirs, call.offer))
+        call.b = c
+        self._dialogs[(req.call_id, c.local_tag)] = c
+        self._call_ids[req.call_id] = call
+        call.bridge = self.media.bridge(call.a_media, call.b_media)
+        log.info("call_picked_up", call=call.id, party=party)
+        self._publish(call, CallState.ACTIVE)
+        self.flush()
+
+    def retrieve(
+        self,
+        call: Call,
+        ref: LineRef,
+        txn: ServerTransaction,
+        req: Request,
+        source: Address,
+        party: str,
+    ) -> None:
+        """Move an established (typically held) call to another phone (`*9`, `Replaces`).
+
+        The far end gets a re-INVITE carrying the new phone's offer; its answer answers the new
+        phone; then the phone that had the call gets BYE. The relay endpoints stay: only their
+        remote addresses change, so the far end never notices more than a re-INVITE.
+        """
+        old = self.party_leg(call, ref)
+        far = call.a if old is call.b else call.b
+        theirs = self._offer_of(req, txn)
+        if old is None or far is None or far.dialog is None or theirs is None:
+            return
+        c = Leg(call, party, source, txn, media=old.media)
+        self._set_remote(c.media, theirs)
+        body = rewrite(
+            _sendrecv(theirs), self.media.address, self._ports(theirs, far.media), far.origin
+        )
+        reinvite = far.dialog.new_request(
+            "INVITE",
+            self._via(far.dest),
+            contact=self._contact(far.dest),
+            extra=[("Content-Type", "application/sdp"), ("Allow", ALLOW)],
+            body=body,
+        )
+        client = self.layer.send_request(reinvite, far.dest, self._now())
+        self._relayed[client] = Pending(txn, c, takeover=(old, c))
+        self.flush()
+
+    def _complete_takeover(self, txn: ClientTransaction, pending: Pending, resp: Response) -> None:
+        old, c = pending.takeover  # type: ignore[misc]
+        call = c.call
+        far = call.a if old is call.b else call.b
+        self._relayed.pop(txn, None)
+        if resp.status >= 300 or far is None or far.dialog is None:
+            out = pending.server.request.make_response(resp.status, resp.reason, to_tag=c.local_tag)
+            self.layer.send_response(pending.server, out, self._now())
+            self.flush()
+            return
+        far.dialog.update_target(resp)
+        ack = far.dialog.new_request("ACK", self._via(far.dest), cseq=txn.request.cseq.seq)
+        self.layer.send_stateless(ack, far.dest)
+        out = pending.server.request.make_response(200, "OK", to_tag=c.local_tag)
+        try:
+            self._finish_answer(c, out, parse_sdp(resp.body))
+        except SdpError:
+            self._finish_answer(c, out, None)
+        if old.dialog is not None:
+            bye = old.dialog.new_request(
+                "BYE", self._via(old.dest), extra=[("Reason", RETRIEVED_ELSEWHERE)]
+            )
+            self.layer.send_request(bye, old.dest, self._now())
+        old.state = LegState.ENDED
+        for key in [k for k, leg in self._dialogs.items() if leg is old]:
+            del self._dialogs[key]
+        req = pending.server.request
+        self._dialogs[(req.call_id, c.local_tag)] = c
+        self._call_ids[req.call_id] = call
+        if old is call.b:
+            call.b = c
+        else:
+            call.a = c
+            call.lines = [
+                replace(r, party=c.party) if r.direction is Direction.OUTBOUND else r
+                for r in call.lines
+            ]
+        call.held_by, call.private = None, False
+        log.info("call_retrieved", call=call.id, party=c.party, previous=old.party)
+        self._publish(call, CallState.ACTIVE)
+        self.flush()
+
+    def _offer_of(self, req: Request, txn: ServerTransaction) -> SessionDescription | None:
+        try:
+            return parse_sdp(req.body)
+        except SdpError:
+            resp = req.make_response(488, "Not Acceptable Here", to_tag=new_tag())
+            self.layer.send_response(txn, resp, self._now())
+            self.flush()
+            return None
+
+    def _finish_answer(self, leg: Leg, resp: Response, desc: SessionDescription | None) -> None:
+        """Send our 2xx on `leg`'s INVITE with `desc` pointed at the leg's relay endpoint."""
+        assert isinstance(leg.invite, ServerTransaction)
+        resp.headers.add("Contact", self._contact(leg.dest))
+        resp.headers.add("Allow", ALLOW)
+        if desc is not None:
+            resp.body = rewrite(desc, self.media.address, self._ports(desc, leg.media), leg.origin)
+            resp.headers.add("Content-Type", "application/sdp")
+        leg.dialog = Dialog.as_uas(leg.invite.request, resp, leg.local_tag)
+        leg.state = LegState.CONFIRMED
+        self.layer.send_response(leg.invite, resp, self._now(), retransmit_2xx=True)
+
+    def make_private(self, party: str) -> list[Call]:
+        """Mark the calls `party` holds as private (Zoom's "lock"): nobody else may retrieve."""
+        locked = [c for c in self.calls.values() if c.held_by == party and not c.ended]
+        for call in locked:
+            call.private = True
+            self._publish(call, CallState.HELD)
+        return locked
+
     # --- ending -----------------------------------------------------------------------------
     def _end(self, call: Call, reason: str, by: str | None = None) -> None:
         if call.ended:
@@ -567,6 +729,8 @@ class B2BUA:
         self.calls.pop(call.id, None)
         for key in [k for k, leg in self._dialogs.items() if leg.call is call]:
             del self._dialogs[key]
+        for cid in [k for k, c in self._call_ids.items() if c is call]:
+            del self._call_ids[cid]
         self._release_media(call)
         log.info("call_ended", call=call.id, reason=reason, by=by)
         self._publish(call, CallState.ENDED, reason=reason)
@@ -602,6 +766,7 @@ class B2BUA:
                 now,
                 reason,
                 dialog=self._dialog_id(call, ref.direction),
+                private=call.private and shown is CallState.HELD,
             )
             self.bus.publish(event)
 
@@ -631,6 +796,9 @@ class B2BUA:
             )
         except SdpError:
             return
+        call.held_by = by.party if held else None
+        if not held:
+            call.private = False
         self._publish(call, CallState.HELD if held else CallState.ACTIVE)
 
     def _reply(self, leg: Leg, resp: Response, detail: str | None = None) -> None:
@@ -680,8 +848,7 @@ class B2BUA:
             desc = parse_sdp(body)
         except SdpError:
             return body
-        from_ep = call.a_media if from_leg is call.a else call.b_media
-        to_ep = call.a_media if to_leg is call.a else call.b_media
+        from_ep, to_ep = from_leg.media, to_leg.media
         if from_ep is not None:
             self._set_remote(from_ep, desc)
         return rewrite(desc, self.media.address, self._ports(desc, to_ep), to_leg.origin)
@@ -730,6 +897,19 @@ def _bind(fn: Callable[..., None], *args: Any) -> Callable[[], None]:
 def _invite_of(leg: Leg) -> Request:
     assert leg.invite is not None
     return leg.invite.request
+
+
+def _sendrecv(desc: SessionDescription) -> SessionDescription:
+    """`desc` with every stream sendrecv: a retrieved call must not stay on hold."""
+    media = [
+        replace(m, direction=None, lines=[ln for ln in m.lines if ln[2:] not in _DIRS])
+        for m in desc.media
+    ]
+    session = [ln for ln in desc.lines if ln[2:] not in _DIRS]
+    return replace(desc, media=media, direction=None, lines=session)
+
+
+_DIRS = {d.value for d in SdpDirection}
 
 
 def _aggregate(failures: list[int]) -> int:

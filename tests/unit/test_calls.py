@@ -305,3 +305,100 @@ async def test_line_model_follows_the_call_and_returns_to_idle() -> None:
     rig.b2bua.on_ack_timeout(rig.b2bua.calls[active.call_id].a.invite)  # type: ignore[union-attr,arg-type]
     assert model.calls("1001") == [] and model.busy_lines() == []
     assert model.version("1001") == 3
+
+
+PICKER = Address("udp", "127.0.0.1", 7000)
+HOLD_SDP = SDP.replace(b"a=rtpmap:101", b"a=sendonly\r\na=rtpmap:101")
+
+
+def new_invite(rig: Rig, src: Address, call_id: str, body: bytes = SDP) -> Any:
+    raw = (
+        f"INVITE sip:*8@127.0.0.1 SIP/2.0\r\nVia: SIP/2.0/UDP {src.host}:{src.port};"
+        f"branch=z9hG4bK{call_id}\r\nFrom: <sip:1003@127.0.0.1>;tag=p1\r\n"
+        f"To: <sip:*8@127.0.0.1>\r\nCall-ID: {call_id}\r\nCSeq: 1 INVITE\r\n"
+        f"Contact: <sip:1003@{src.host}:{src.port}>\r\nMax-Forwards: 70\r\n"
+        f"Content-Type: application/sdp\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    rig.layer.receive(parse_message(raw + body), src, rig.now)
+    ev = rig.layer.next_event()
+    assert isinstance(ev, RequestReceived)
+    return ev
+
+
+def reply_to(rig: Rig, req: Request, src: Address, status: int, body: bytes = b"") -> None:
+    resp = req.make_response(status)
+    if body:
+        resp.headers.add("Content-Type", "application/sdp")
+        resp.body = body
+    rig.layer.receive(parse_message(resp.to_bytes()), src, rig.now)
+    rig.flush()
+
+
+async def test_pickup_of_a_ringing_call_answers_both_and_cancels_the_forks() -> None:
+    rig = Rig()
+    await rig.invite(2)
+    rig.answer(PHONES[0], 180, "t0")
+    rig.answer(PHONES[1], 180, "t1")
+    (call,) = rig.b2bua.calls.values()
+    ev = new_invite(rig, PICKER, "pick-1")
+    rig.b2bua.pickup(call, ev.txn, ev.request, PICKER, "1003")
+    rig.flush()
+    assert len(rig.take(method="CANCEL")) == 2
+    (to_caller,) = rig.take(CALLER, "200")
+    (to_picker,) = rig.take(PICKER, "200")
+    assert b"m=audio 30002 " in to_caller.body and b"m=audio 30004 " in to_picker.body
+    assert rig.events[-1].state is CallState.ACTIVE and rig.events[-1].party == "1003"
+    assert rig.media.bridges == [(30002, 30004)]
+
+
+async def test_retrieve_moves_a_held_call_to_another_phone() -> None:
+    rig = Rig()
+    await rig.invite(1)
+    rig.answer(PHONES[0], 200, "t0", SDP)
+    (call,) = rig.b2bua.calls.values()
+    (inv,) = rig.take(PHONES[0], "INVITE")
+    # Phone 0 (party 1001) holds the call: re-INVITE sendonly, relayed to the caller.
+    hold = (
+        f"INVITE sip:127.0.0.1:5060 SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:{PHONES[0].port};"
+        f"branch=z9hG4bKhold1\r\nFrom: {inv.headers.get('to')};tag=t0\r\n"
+        f"To: {inv.headers.get('from')}\r\nCall-ID: {inv.call_id}\r\nCSeq: 2 INVITE\r\n"
+        f"Contact: <sip:x@127.0.0.1:{PHONES[0].port}>\r\nMax-Forwards: 70\r\n"
+        f"Content-Type: application/sdp\r\nContent-Length: {len(HOLD_SDP)}\r\n\r\n"
+    )
+    rig.layer.receive(parse_message(hold.encode() + HOLD_SDP), PHONES[0], rig.now)
+    ev = rig.layer.next_event()
+    assert isinstance(ev, RequestReceived)
+    rig.b2bua.on_in_dialog(ev.txn, ev.request, rig.b2bua.find_leg(ev.request))  # type: ignore[arg-type]
+    rig.flush()
+    (relayed,) = rig.take(CALLER, "INVITE")
+    assert b"a=sendonly" in relayed.body
+    reply_to(rig, relayed, CALLER, 200, SDP.replace(b"a=rtpmap:101", b"a=recvonly\r\na=rtpmap:101"))
+    assert rig.events[-1].state is CallState.HELD and call.held_by == "1001"
+    # Phone 7000 (1003) retrieves it.
+    ev = new_invite(rig, PICKER, "retr-1")
+    rig.b2bua.retrieve(call, call.lines[0], ev.txn, ev.request, PICKER, "1003")
+    reinvites = rig.take(CALLER, "INVITE")
+    assert len(reinvites) == 2 and b"sendonly" not in reinvites[-1].body
+    reply_to(rig, reinvites[-1], CALLER, 200, SDP)
+    (ok,) = rig.take(PICKER, "200")
+    assert b"m=audio 30004 " in ok.body  # the endpoint phone 0 used now faces the picker
+    (bye,) = rig.take(PHONES[0], "BYE")
+    assert "retrieved elsewhere" in (bye.headers.get("reason") or "")
+    assert call.b is not None and call.b.party == "1003"
+    assert rig.events[-1].state is CallState.ACTIVE and rig.events[-1].party == "1003"
+    # A BYE from the caller now reaches the picker, and the call ends.
+    (answer,) = rig.take(CALLER, "200")[:1]
+    bye = (
+        f"BYE sip:127.0.0.1:5060 SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:5070;"
+        f"branch=z9hG4bKbye9\r\nFrom: {answer.headers.get('from')}\r\n"
+        f"To: {answer.headers.get('to')}\r\nCall-ID: call-1\r\nCSeq: 9 BYE\r\n"
+        "Max-Forwards: 70\r\nContent-Length: 0\r\n\r\n"
+    )
+    rig.layer.receive(parse_message(bye.encode()), CALLER, rig.now)
+    ev = rig.layer.next_event()
+    assert isinstance(ev, RequestReceived)
+    leg = rig.b2bua.find_leg(ev.request)
+    assert leg is not None
+    rig.b2bua.on_in_dialog(ev.txn, ev.request, leg)
+    assert len(rig.take(PICKER, "BYE")) == 1
+    assert rig.b2bua.calls == {} and rig.bus.model.calls("1001") == []
