@@ -1,7 +1,7 @@
 """Answering two offers against each other (pickup, retrieve)."""
 
 from media.negotiation import answer_from_offer, encodings
-from media.sdp import parse_sdp, rewrite, OriginState
+from media.sdp import OriginState, parse_sdp, rewrite
 
 BARESIP = (
     b"v=0\r\no=- 1 2 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\n"
