@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from urllib.parse import unquote
 
 import structlog
 
@@ -18,8 +19,10 @@ from dialplan import Config, Permission
 from dialplan.routing import lines_of, may_act_as
 
 from .call_setup import Admit, CallSetup, Feature, Refuse
-from .calls import B2BUA, Call
+from .calls import B2BUA, Call, Leg, sip_user
 from .lines import CallState
+from .sip.errors import ParseError
+from .sip.headers import parse_name_addr
 from .sip.message import Request, Response
 from .sip.transaction import Address, ClientTransaction, ServerTransaction
 from .sip.transaction_layer import TransactionLayer
@@ -70,6 +73,9 @@ class CallControl:
                 if req.method == "ACK":
                     return True
                 self.respond(txn, req, req.make_response(481), source)
+                return True
+            if req.method == "REFER":
+                self._on_refer(txn, req, source, leg)
                 return True
             self.b2bua.on_in_dialog(txn, req, leg)
             return True
@@ -231,6 +237,56 @@ class CallControl:
                     return call
         return None
 
+    # --- transfer (RFC 3515, executed here: the REFER never reaches the far end) ------------
+    def _on_refer(self, txn: ServerTransaction, req: Request, source: Address, leg: Leg) -> None:
+        try:
+            target = parse_name_addr(req.headers.get("refer-to") or "")
+        except ParseError:
+            self.respond(txn, req, req.make_response(400, "Bad Refer-To"), source)
+            return
+        uri = target.uri
+        replaces = _replaces_in(uri)
+        by = req.headers.get("referred-by") or (
+            f"<sip:{leg.party}@{self.cfg.domain}>" if leg.party else None
+        )
+        if replaces is not None:
+            if not self.b2bua.attended_transfer(leg, txn, req, replaces):
+                self.respond(
+                    txn,
+                    req,
+                    req.make_response(481, "Replaced Call Not Found"),
+                    source,
+                    event="transfer_refused",
+                    user=leg.party,
+                )
+            return
+        far = self.b2bua.other_leg(leg)
+        dialled = sip_user(uri) or ""
+        admit = self.setup.transfer_admit(
+            dialled, far.identity if far else "", far.name if far else None, time.time()
+        )
+        if isinstance(admit, Refuse):
+            self.respond(
+                txn,
+                req,
+                req.make_response(admit.status, admit.reason),
+                source,
+                event=admit.event,
+                user=leg.party,
+            )
+            return
+        self.b2bua.blind_transfer(
+            leg,
+            txn,
+            req,
+            lines=admit.lines,
+            caller_from=admit.caller_from,
+            caller_pai=admit.caller_pai,
+            targets=admit.targets,
+            ring_time=admit.ring_time,
+            referred_by=by,
+        )
+
     # --- feature codes ----------------------------------------------------------------------
     def _feature(self, txn: ServerTransaction, req: Request, source: Address, f: Feature) -> None:
         """Toggle features answer with a final response whose reason phrase says the new state:
@@ -322,6 +378,18 @@ def _parse_replaces(value: str) -> tuple[str, bool]:
         raise ValueError(f"malformed Replaces: {value!r}")
     flags = {p.strip().split("=", 1)[0].lower() for p in params.split(";")}
     return call_id.strip(), "early-only" in flags
+
+
+def _replaces_in(uri: object) -> str | None:
+    """The Call-ID of a `?Replaces=` header in a Refer-To URI (attended transfer)."""
+    headers = getattr(uri, "headers", None)
+    if not headers:
+        return None
+    for part in headers.split("&"):
+        name, _, value = part.partition("=")
+        if name.lower() == "replaces":
+            return unquote(value).split(";", 1)[0]
+    return None
 
 
 def _tag() -> str:

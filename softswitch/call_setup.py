@@ -172,6 +172,25 @@ class CallSetup:
         targets = self._targets(route, now)
         return Admit(user, identity, caller_from, pai, lines, targets, route.ring_time)
 
+    def transfer_admit(
+        self, dialled: str, identity: str, name: str | None, now: float
+    ) -> Admit | Refuse:
+        """Where a blind transfer to `dialled` rings, with the far end (`identity`) calling."""
+        route = route_call(self.cfg, dialled)
+        if not isinstance(route, CallRoute):
+            return Refuse(404, "Not Found", "transfer_no_route")
+        caller_from = (f"{quote(name)} " if name else "") + f"<sip:{identity}@{self.cfg.domain}>"
+        lines = [LineRef(route.line, Direction.INBOUND, None, identity, name)]
+        return Admit(
+            None,
+            identity,
+            caller_from,
+            caller_from,
+            lines,
+            self._targets(route, now),
+            route.ring_time,
+        )
+
     def _targets(self, route: CallRoute, now: float) -> list[ForkTarget]:
         """Contacts to ring: the line's own bindings first, then each target's, one per phone."""
         domain = self.cfg.domain

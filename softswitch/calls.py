@@ -13,6 +13,7 @@ its own heap so the service drives them with the same clock as the transaction l
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import itertools
 import time
@@ -38,6 +39,13 @@ from .sip.uri import SipUri, parse_uri
 
 log = structlog.get_logger("softswitch.calls")
 
+_REASONS = {
+    480: "Temporarily Unavailable",
+    486: "Busy Here",
+    487: "Request Terminated",
+    603: "Decline",
+    408: "Request Timeout",
+}
 COMPLETED_ELSEWHERE = 'SIP;cause=200;text="Call completed elsewhere"'
 RETRIEVED_ELSEWHERE = 'SIP;cause=200;text="Call retrieved elsewhere"'
 ALLOW = "INVITE, ACK, CANCEL, BYE, OPTIONS, UPDATE, INFO, REFER, NOTIFY, SUBSCRIBE"
@@ -100,16 +108,28 @@ class Leg:
     cancel_reason: str | None = None
     local_tag: str = field(default_factory=new_tag)
     media: Any = None  # the relay endpoint facing this leg's phone
+    sdp: SessionDescription | None = None  # what this leg's phone last sent
+    identity: str = ""  # who this leg's phone presents (extension or number)
+    name: str | None = None
 
 
 @dataclass(eq=False, slots=True)
 class Pending:
     """An in-dialog request relayed from one leg, waiting for the other leg's final answer."""
 
-    server: ServerTransaction
+    server: ServerTransaction | None  # None: our own re-INVITE (transfer), just ACK its 2xx
     from_leg: Leg
     #: (old leg, new leg) when the request re-targets the call to another phone (retrieve)
     takeover: tuple[Leg, Leg] | None = None
+
+
+@dataclass(eq=False, slots=True)
+class Transfer:
+    """A blind transfer in progress: `far` rings a new target on behalf of `transferor`."""
+
+    transferor: Leg  # the phone that sent REFER; NOTIFYs go in its dialog
+    old: Call  # the call the transferor and the far end were on
+    old_media: tuple[Any, Any, Any]  # old call's (a_media, b_media, bridge), restored on failure
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,6 +164,8 @@ class Call:
     b_call_id: str = ""
     b_from: str = ""  # From header value (without tag) towards the callees
     b_from_tag: str = field(default_factory=new_tag)
+    extra_headers: list[tuple[str, str]] = field(default_factory=list)  # e.g. Referred-By
+    transfer: Transfer | None = None  # set while this call rings a blind-transfer target
     held_by: str | None = None  # the party whose phone holds the call
     private: bool = False  # held privately: only `held_by` may retrieve it
     failures: list[int] = field(default_factory=list)
@@ -216,6 +238,7 @@ class B2BUA:
         """Answer `req` by forking to `targets`; the caller's identity is already decided."""
         call = Call(id=new_tag() + new_tag(), lines=lines)
         a = Leg(call, None, source, txn)
+        a.identity, a.name = lines[-1].remote, lines[-1].remote_name
         call.a = a
         try:
             call.offer = parse_sdp(req.body) if req.body else None
@@ -242,7 +265,7 @@ class B2BUA:
             self._release_media(call)
             return
         a.media = call.a_media
-        self._set_remote(call.a_media, call.offer)
+        self._remember(a, call.offer)
         self.calls[call.id] = call
         self._dialogs[(req.call_id, a.local_tag)] = a
         self._call_ids[req.call_id] = call
@@ -267,6 +290,7 @@ class B2BUA:
         leg = Leg(
             call, target.party, target.dest, None, local_tag=call.b_from_tag, media=call.b_media
         )
+        leg.identity = target.party
         body = rewrite(
             call.offer, self.media.address, self._ports(call.offer, call.b_media), leg.origin
         )
@@ -280,7 +304,7 @@ class B2BUA:
         headers.add("Contact", self._contact(target.dest))
         if pai:
             headers.add("P-Asserted-Identity", pai)
-        for name, value in target.headers:
+        for name, value in (*target.headers, *call.extra_headers):
             headers.add(name, value)
         headers.add("Allow", ALLOW)
         headers.add("Content-Type", "application/sdp")
@@ -326,8 +350,9 @@ class B2BUA:
             return True
         pending = self._relayed.pop(txn, None)
         if pending is not None:
-            resp = pending.server.request.make_response(408, "Request Timeout")
-            self.layer.send_response(pending.server, resp, self._now())
+            if pending.server is not None:
+                resp = pending.server.request.make_response(408, "Request Timeout")
+                self.layer.send_response(pending.server, resp, self._now())
             self.flush()
             return True
         return False
@@ -342,6 +367,10 @@ class B2BUA:
             return
         if resp.status == 100 or call.b is not None or call.ended:
             return
+        if call.transfer is not None:
+            if resp.status == 180:
+                self._notify_refer(call.transfer.transferor, "SIP/2.0 180 Ringing", final=False)
+            return
         if resp.to.tag and leg.dialog is None:
             leg.dialog = Dialog.as_uac(_invite_of(leg), resp)
             leg.state = LegState.EARLY
@@ -349,7 +378,7 @@ class B2BUA:
         assert a is not None
         out = self._response_for(a, resp, resp.status, resp.reason)
         if resp.body and resp.status == 183:
-            self._add_sdp(call, out, resp.body, a, toward_caller=True)
+            self._add_sdp(out, resp.body, from_leg=leg, to_leg=a)
         self._send_a(a, out)
 
     def _on_answer(self, leg: Leg, txn: ClientTransaction, resp: Response) -> None:
@@ -373,13 +402,16 @@ class B2BUA:
         for other in call.forks:
             if other is not leg and other.state in (LegState.CALLING, LegState.EARLY):
                 self._cancel_fork(other, COMPLETED_ELSEWHERE)
+        if call.transfer is not None:
+            self._transfer_answered(call, leg, resp)
+            return
         a = call.a
         assert a is not None
         out = self._response_for(a, resp, 200, "OK")
         out.headers.add("Contact", self._contact(a.dest))
         out.headers.add("Allow", ALLOW)
         if resp.body:
-            self._add_sdp(call, out, resp.body, a, toward_caller=True)
+            self._add_sdp(out, resp.body, from_leg=leg, to_leg=a)
         assert isinstance(a.invite, ServerTransaction)
         a.dialog = Dialog.as_uas(a.invite.request, out, a.local_tag)
         a.state = LegState.CONFIRMED
@@ -406,6 +438,9 @@ class B2BUA:
         for leg in call.forks:
             if leg.state in (LegState.CALLING, LegState.EARLY):
                 self._cancel_fork(leg, None)
+        if call.transfer is not None:
+            self._transfer_failed(call, status, reason)
+            return
         a = call.a
         assert a is not None and isinstance(a.invite, ServerTransaction)
         self._reply(
@@ -512,6 +547,9 @@ class B2BUA:
         if pending.takeover is not None:
             self._complete_takeover(txn, pending, resp)
             return
+        if pending.server is None:
+            self._own_reinvite_answered(txn, pending, resp)
+            return
         to_leg = pending.from_leg
         other = to_leg.call.b if to_leg is to_leg.call.a else to_leg.call.a
         out = pending.server.request.make_response(resp.status, resp.reason)
@@ -595,10 +633,10 @@ class B2BUA:
         if theirs is None or call.offer is None:
             return
         c = Leg(call, party, source, txn, media=call.b_media)
+        self._remember(c, theirs)
         for fork in call.forks:
             if fork.state in (LegState.CALLING, LegState.EARLY):
                 self._cancel_fork(fork, COMPLETED_ELSEWHERE)
-        self._set_remote(call.b_media, theirs)
         to_a = a.invite.request.make_response(200, "OK", to_tag=a.local_tag)
         self._finish_answer(a, to_a, answer_from_offer(call.offer, theirs))
         to_c = req.make_response(200, "OK", to_tag=c.local_tag)
@@ -632,7 +670,7 @@ class B2BUA:
         if old is None or far is None or far.dialog is None or theirs is None:
             return
         c = Leg(call, party, source, txn, media=old.media)
-        self._set_remote(c.media, theirs)
+        self._remember(c, theirs)
         body = rewrite(
             _sendrecv(theirs), self.media.address, self._ports(theirs, far.media), far.origin
         )
@@ -648,19 +686,21 @@ class B2BUA:
         self.flush()
 
     def _complete_takeover(self, txn: ClientTransaction, pending: Pending, resp: Response) -> None:
-        old, c = pending.takeover  # type: ignore[misc]
+        assert pending.takeover is not None and pending.server is not None
+        old, c = pending.takeover
+        server = pending.server
         call = c.call
         far = call.a if old is call.b else call.b
         self._relayed.pop(txn, None)
         if resp.status >= 300 or far is None or far.dialog is None:
-            out = pending.server.request.make_response(resp.status, resp.reason, to_tag=c.local_tag)
-            self.layer.send_response(pending.server, out, self._now())
+            out = server.request.make_response(resp.status, resp.reason, to_tag=c.local_tag)
+            self.layer.send_response(server, out, self._now())
             self.flush()
             return
         far.dialog.update_target(resp)
         ack = far.dialog.new_request("ACK", self._via(far.dest), cseq=txn.request.cseq.seq)
         self.layer.send_stateless(ack, far.dest)
-        out = pending.server.request.make_response(200, "OK", to_tag=c.local_tag)
+        out = server.request.make_response(200, "OK", to_tag=c.local_tag)
         try:
             self._finish_answer(c, out, parse_sdp(resp.body))
         except SdpError:
@@ -673,7 +713,7 @@ class B2BUA:
         old.state = LegState.ENDED
         for key in [k for k, leg in self._dialogs.items() if leg is old]:
             del self._dialogs[key]
-        req = pending.server.request
+        req = server.request
         self._dialogs[(req.call_id, c.local_tag)] = c
         self._call_ids[req.call_id] = call
         if old is call.b:
@@ -718,13 +758,227 @@ class B2BUA:
             self._publish(call, CallState.HELD)
         return locked
 
+    # --- transfer (REFER executed by the B2BUA, RFC 3515) ----------------------------------
+    def other_leg(self, leg: Leg) -> Leg | None:
+        call = leg.call
+        return call.b if leg is call.a else call.a
+
+    def blind_transfer(
+        self,
+        x: Leg,
+        refer_txn: ServerTransaction,
+        refer: Request,
+        *,
+        lines: list[LineRef],
+        caller_from: str,
+        caller_pai: str | None,
+        targets: list[ForkTarget],
+        ring_time: float,
+        referred_by: str | None = None,
+    ) -> None:
+        """Ring `targets` for the far end of `x`'s call; `x` learns the outcome by NOTIFY.
+
+        The far end keeps its dialog and relay endpoint; the endpoint that faced `x` will face
+        the target, so media needs no new ports. Until the target answers, the old call stays
+        (the transferor may still take the far end off hold if the transfer fails).
+        """
+        old = x.call
+        far = self.other_leg(x)
+        self._accept_refer(refer_txn, refer)
+        self._notify_refer(x, "SIP/2.0 100 Trying", final=False)
+        if far is None or far.sdp is None or not targets:
+            self._notify_refer(x, "SIP/2.0 480 Temporarily Unavailable", final=True)
+            self.flush()
+            return
+        t = Call(id=new_tag() + new_tag(), lines=lines, offer=_sendrecv(far.sdp))
+        t.transfer = Transfer(x, old, (old.a_media, old.b_media, old.bridge))
+        t.a, far.call = far, t
+        t.a_media, t.b_media, t.bridge = far.media, x.media, old.bridge
+        old.a_media = old.b_media = old.bridge = None
+        far_call_id = far.dialog.call_id if far.dialog else ""
+        self._call_ids[far_call_id] = t
+        t.b_call_id = new_call_id(self.local("udp").host)
+        self._call_ids[t.b_call_id] = t
+        t.b_from = caller_from
+        if referred_by:
+            t.extra_headers.append(("Referred-By", referred_by))
+        t.outstanding = len(targets)
+        self.calls[t.id] = t
+        log.info("call_transfer", call=old.id, to_call=t.id, by=x.party, kind="blind")
+        for target in targets:
+            self._fork(t, target, caller_pai)
+        self._later(self._now(), ring_time, lambda: self._ring_timeout(t))
+        self._publish(t, CallState.RINGING)
+        self.flush()
+
+    def _transfer_answered(self, t: Call, leg: Leg, resp: Response) -> None:
+        tr = t.transfer
+        assert tr is not None and t.a is not None
+        far = t.a
+        try:
+            answer = parse_sdp(resp.body)
+        except SdpError:
+            answer = None
+        if answer is not None:
+            self._remember(leg, answer)
+            self._reinvite(far, answer)
+        t.transfer = None
+        self._notify_refer(tr.transferor, "SIP/2.0 200 OK", final=True)
+        self._hang_up(tr.transferor, "transferred")
+        self._end(tr.old, "transferred", by=tr.transferor.party)
+        log.info("call_answered", call=t.id, party=leg.party, transfer=True)
+        self._publish(t, CallState.ACTIVE)
+
+    def _transfer_failed(self, t: Call, status: int, reason: str) -> None:
+        tr = t.transfer
+        assert tr is not None and t.a is not None
+        far, old = t.a, tr.old
+        far.call = old
+        old.a_media, old.b_media, old.bridge = tr.old_media
+        t.a_media = t.b_media = t.bridge = None
+        if far.dialog is not None:
+            self._call_ids[far.dialog.call_id] = old
+        self._notify_refer(
+            tr.transferor, f"SIP/2.0 {status} {_REASONS.get(status, reason)}", final=True
+        )
+        t.transfer = None
+        t.a = None
+        self._end(t, reason)
+
+    def attended_transfer(
+        self, x1: Leg, refer_txn: ServerTransaction, refer: Request, replaces_call_id: str
+    ) -> bool:
+        """Join the far ends of `x1`'s call and of the call the Refer-To's Replaces names.
+
+        Both far ends keep their dialogs and endpoints; each gets a re-INVITE with the other's
+        media, and the transferor's two legs are hung up. False if the named call is unknown.
+        """
+        call1, call2 = x1.call, self._call_ids.get(replaces_call_id)
+        far1 = self.other_leg(x1)
+        if call2 is None or call2 is call1 or far1 is None:
+            return False
+        x2 = next(
+            (
+                leg
+                for leg in (call2.a, call2.b)
+                if leg is not None
+                and leg.dialog is not None
+                and leg.dialog.call_id == replaces_call_id
+            ),
+            None,
+        )
+        far2 = self.other_leg(x2) if x2 is not None else None
+        if x2 is None or far2 is None or far1.sdp is None or far2.sdp is None:
+            return False
+        self._accept_refer(refer_txn, refer)
+        self._notify_refer(x1, "SIP/2.0 100 Trying", final=False)
+        for c in (call1, call2):
+            if c.bridge is not None:
+                self.media.unbridge(c.bridge)
+                c.bridge = None
+        for ep in (x1.media, x2.media):
+            if ep is not None:
+                self.media.release(ep)
+        call1.a_media, call1.b_media = far1.media, far2.media
+        call2.a_media = call2.b_media = None
+        far2.call = call1
+        if far2.dialog is not None:
+            self._call_ids[far2.dialog.call_id] = call1
+        if far1 is call1.a:
+            call1.b = far2
+        else:
+            call1.a = far2
+        call1.bridge = self.media.bridge(far1.media, far2.media)
+        self._reinvite(far1, far2.sdp)
+        self._reinvite(far2, far1.sdp)
+        self._notify_refer(x1, "SIP/2.0 200 OK", final=True)
+        for x in (x1, x2):
+            self._hang_up(x, "transferred")
+        x_party = x1.party
+        kept = [r for c in (call1, call2) for r in c.lines if (r.party or "") != x_party]
+        gone = [r for r in call1.lines if (r.party or "") == x_party]
+        log.info("call_transfer", call=call1.id, joined=call2.id, by=x_party, kind="attended")
+        call1.lines = gone
+        self._publish(call1, CallState.ENDED, reason="transferred")
+        call1.lines = kept
+        self._end(call2, "transferred", by=x_party)
+        call1.held_by, call1.private = None, False
+        self._publish(call1, CallState.ACTIVE)
+        self.flush()
+        return True
+
+    def _reinvite(self, leg: Leg, desc: SessionDescription) -> None:
+        """Send `leg`'s phone a re-INVITE with `desc` (made sendrecv) towards its endpoint."""
+        if leg.dialog is None:
+            return
+        body = rewrite(
+            _sendrecv(desc), self.media.address, self._ports(desc, leg.media), leg.origin
+        )
+        req = leg.dialog.new_request(
+            "INVITE",
+            self._via(leg.dest),
+            contact=self._contact(leg.dest),
+            extra=[("Content-Type", "application/sdp"), ("Allow", ALLOW)],
+            body=body,
+        )
+        client = self.layer.send_request(req, leg.dest, self._now())
+        self._relayed[client] = Pending(None, leg)
+
+    def _own_reinvite_answered(
+        self, txn: ClientTransaction, pending: Pending, resp: Response
+    ) -> None:
+        if resp.status < 200:
+            return
+        self._relayed.pop(txn, None)
+        leg = pending.from_leg
+        if 200 <= resp.status < 300 and leg.dialog is not None:
+            leg.dialog.update_target(resp)
+            ack = leg.dialog.new_request("ACK", self._via(leg.dest), cseq=txn.request.cseq.seq)
+            self.layer.send_stateless(ack, leg.dest)
+            with contextlib.suppress(SdpError):
+                self._remember(leg, parse_sdp(resp.body))
+        self.flush()
+
+    def _hang_up(self, leg: Leg, reason: str) -> None:
+        if leg.dialog is not None and leg.state is not LegState.ENDED:
+            bye = leg.dialog.new_request("BYE", self._via(leg.dest))
+            self.layer.send_request(bye, leg.dest, self._now())
+        leg.state = LegState.ENDED
+        for key in [k for k, lg in self._dialogs.items() if lg is leg]:
+            del self._dialogs[key]
+
+    def _accept_refer(self, txn: ServerTransaction, refer: Request) -> None:
+        self.layer.send_response(txn, refer.make_response(202, "Accepted"), self._now())
+
+    def _notify_refer(self, x: Leg, frag: str, *, final: bool) -> None:
+        """The implicit `refer` subscription's NOTIFY (RFC 3515 §2.4.4), sipfrag body."""
+        if x.dialog is None or x.state is LegState.ENDED:
+            return
+        state = "terminated;reason=noresource" if final else "active;expires=60"
+        extra = [
+            ("Event", "refer"),
+            ("Subscription-State", state),
+            ("Content-Type", "message/sipfrag;version=2.0"),
+        ]
+        req = x.dialog.new_request(
+            "NOTIFY",
+            self._via(x.dest),
+            contact=self._contact(x.dest),
+            extra=extra,
+            body=frag.encode() + b"\r\n",
+        )
+        self.layer.send_request(req, x.dest, self._now())
+
     # --- ending -----------------------------------------------------------------------------
     def _end(self, call: Call, reason: str, by: str | None = None) -> None:
         if call.ended:
             return
         call.ended = True
+        for fork in call.forks:
+            if fork.state in (LegState.CALLING, LegState.EARLY) and fork is not call.b:
+                self._cancel_fork(fork, None)
         for leg in [call.a, *call.forks]:
-            if leg is not None:
+            if leg is not None and leg.call is call:
                 leg.state = LegState.ENDED
         self.calls.pop(call.id, None)
         for key in [k for k, leg in self._dialogs.items() if leg.call is call]:
@@ -826,20 +1080,9 @@ class B2BUA:
         assert isinstance(a.invite, ServerTransaction)
         self.layer.send_response(a.invite, resp, self._now())
 
-    def _add_sdp(
-        self,
-        call: Call,
-        out: Response,
-        body: bytes,
-        a: Leg,
-        toward_caller: bool,
-    ) -> None:
-        try:
-            desc = parse_sdp(body)
-        except SdpError:
-            return
-        self._set_remote(call.b_media, desc)
-        out.body = rewrite(desc, self.media.address, self._ports(desc, call.a_media), a.origin)
+    def _add_sdp(self, out: Response, body: bytes, from_leg: Leg, to_leg: Leg) -> None:
+        """Put `from_leg`'s SDP, rewritten for `to_leg`'s phone, into `out`."""
+        out.body = self._rewrite_for(from_leg.call, body, from_leg, to_leg)
         out.headers.set("Content-Type", "application/sdp")
 
     def _rewrite_for(self, call: Call, body: bytes, from_leg: Leg, to_leg: Leg) -> bytes:
@@ -848,10 +1091,8 @@ class B2BUA:
             desc = parse_sdp(body)
         except SdpError:
             return body
-        from_ep, to_ep = from_leg.media, to_leg.media
-        if from_ep is not None:
-            self._set_remote(from_ep, desc)
-        return rewrite(desc, self.media.address, self._ports(desc, to_ep), to_leg.origin)
+        self._remember(from_leg, desc)
+        return rewrite(desc, self.media.address, self._ports(desc, to_leg.media), to_leg.origin)
 
     @staticmethod
     def _ports(desc: SessionDescription, endpoint: Any) -> list[int]:
@@ -865,6 +1106,11 @@ class B2BUA:
             else:
                 ports.append(0)
         return ports
+
+    def _remember(self, leg: Leg, desc: SessionDescription) -> None:
+        """`desc` is what `leg`'s phone last sent: point its endpoint there and keep it."""
+        leg.sdp = desc
+        self._set_remote(leg.media, desc)
 
     @staticmethod
     def _set_remote(endpoint: Any, desc: SessionDescription) -> None:

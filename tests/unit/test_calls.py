@@ -115,27 +115,35 @@ class Rig:
         self.b2bua.handle_timer(self.now)
         self.flush()
 
-    async def invite(self, n_targets: int = 3, ring_time: float = 30) -> Any:
+    async def invite(
+        self,
+        n_targets: int = 3,
+        ring_time: float = 30,
+        call_id: str = "call-1",
+        caller: Address = CALLER,
+        phones: list[Address] | None = None,
+    ) -> Any:
         raw = (
             "INVITE sip:1001@127.0.0.1 SIP/2.0\r\n"
-            "Via: SIP/2.0/UDP 127.0.0.1:5070;branch=z9hG4bKcaller1\r\n"
+            f"Via: SIP/2.0/UDP {caller.host}:{caller.port};branch=z9hG4bK{call_id}\r\n"
             'From: "Dave" <sip:1004@127.0.0.1>;tag=abc\r\nTo: <sip:1001@127.0.0.1>\r\n'
-            "Call-ID: call-1\r\nCSeq: 1 INVITE\r\nContact: <sip:1004@127.0.0.1:5070>\r\n"
+            f"Call-ID: {call_id}\r\nCSeq: 1 INVITE\r\n"
+            f"Contact: <sip:1004@{caller.host}:{caller.port}>\r\n"
             "Max-Forwards: 70\r\nContent-Type: application/sdp\r\n"
             f"Content-Length: {len(SDP)}\r\n\r\n"
         ).encode() + SDP
-        self.layer.receive(parse_message(raw), CALLER, self.now)
+        self.layer.receive(parse_message(raw), caller, self.now)
         ev = self.layer.next_event()
         assert isinstance(ev, RequestReceived)
         targets = [
             ForkTarget(f"10{i + 1:02d}", f"sip:x@127.0.0.1:{p.port}", p)
-            for i, p in enumerate(PHONES[:n_targets])
+            for i, p in enumerate((phones or PHONES)[:n_targets])
         ]
         lines = [LineRef("1001", Direction.INBOUND, None, "1004", "Dave")]
         await self.b2bua.start_call(
             ev.txn,
             ev.request,
-            CALLER,
+            caller,
             lines=lines,
             caller_from='"Dave" <sip:1004@127.0.0.1>',
             caller_pai=None,
@@ -145,7 +153,7 @@ class Rig:
         return ev.txn
 
     def answer(self, phone: Address, status: int, tag: str, body: bytes = b"") -> None:
-        (inv,) = self.take(phone, "INVITE")
+        inv = self.take(phone, "INVITE")[-1]
         resp = inv.make_response(status, to_tag=tag)
         resp.headers.add("Contact", f"<sip:x@{phone.host}:{phone.port}>")
         if body:
@@ -402,3 +410,127 @@ async def test_retrieve_moves_a_held_call_to_another_phone() -> None:
     rig.b2bua.on_in_dialog(ev.txn, ev.request, leg)
     assert len(rig.take(PICKER, "BYE")) == 1
     assert rig.b2bua.calls == {} and rig.bus.model.calls("1001") == []
+
+
+CALLER2 = Address("udp", "127.0.0.1", 5072)
+
+
+def in_dialog(
+    rig: Rig, phone: Address, inv: Any, tag: str, method: str, cseq: int, extra: str = ""
+) -> Any:
+    """A request from `phone` in the dialog its INVITE `inv` created (it answered with `tag`)."""
+    raw = (
+        f"{method} sip:127.0.0.1:5060 SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:{phone.port};"
+        f"branch=z9hG4bK{method}{cseq}{phone.port}\r\nFrom: {inv.headers.get('to')};tag={tag}"
+        f"\r\nTo: {inv.headers.get('from')}\r\nCall-ID: {inv.call_id}\r\n"
+        f"CSeq: {cseq} {method}\r\nContact: <sip:x@127.0.0.1:{phone.port}>\r\n{extra}"
+        "Max-Forwards: 70\r\nContent-Length: 0\r\n\r\n"
+    )
+    rig.layer.receive(parse_message(raw.encode()), phone, rig.now)
+    ev = rig.layer.next_event()
+    assert isinstance(ev, RequestReceived)
+    return ev
+
+
+async def test_blind_transfer_rings_the_target_and_notifies_the_transferor() -> None:
+    rig = Rig()
+    await rig.invite(1)
+    rig.answer(PHONES[0], 200, "t0", SDP)
+    (inv,) = rig.take(PHONES[0], "INVITE")
+    ev = in_dialog(rig, PHONES[0], inv, "t0", "REFER", 3, "Refer-To: <sip:1005@127.0.0.1>\r\n")
+    x = rig.b2bua.find_leg(ev.request)
+    assert x is not None
+    target = ForkTarget("1005", f"sip:x@127.0.0.1:{PHONES[2].port}", PHONES[2])
+    rig.b2bua.blind_transfer(
+        x,
+        ev.txn,
+        ev.request,
+        lines=[LineRef("1005", Direction.INBOUND, None, "1004", "Dave")],
+        caller_from='"Dave" <sip:1004@127.0.0.1>',
+        caller_pai=None,
+        targets=[target],
+        ring_time=30,
+        referred_by="<sip:1001@127.0.0.1>",
+    )
+    assert len(rig.take(PHONES[0], "202")) == 1
+    (trying,) = rig.take(PHONES[0], "NOTIFY")
+    assert trying.body.startswith(b"SIP/2.0 100") and trying.headers.get("event") == "refer"
+    (new,) = rig.take(PHONES[2], "INVITE")
+    assert new.headers.get("referred-by") == "<sip:1001@127.0.0.1>"
+    assert b"m=audio 30004 " in new.body  # the endpoint that faced the transferor
+    rig.answer(PHONES[2], 180, "t2")
+    rig.answer(PHONES[2], 200, "t2", SDP)
+    notifies = rig.take(PHONES[0], "NOTIFY")
+    assert [n.body.split(b"\r\n")[0] for n in notifies] == [
+        b"SIP/2.0 100 Trying",
+        b"SIP/2.0 180 Ringing",
+        b"SIP/2.0 200 OK",
+    ]
+    assert "terminated" in (notifies[-1].headers.get("subscription-state") or "")
+    assert len(rig.take(PHONES[0], "BYE")) == 1
+    (reinvite,) = rig.take(CALLER, "INVITE")
+    reply_to(rig, reinvite, CALLER, 200, SDP)
+    assert len(rig.take(CALLER, "ACK")) == 1
+    ended = [e for e in rig.events if e.state is CallState.ENDED]
+    assert [(e.line, e.reason) for e in ended] == [("1001", "transferred")]
+    assert (rig.events[-1].line, rig.events[-1].state, rig.events[-1].party) == (
+        "1005",
+        CallState.ACTIVE,
+        "1005",
+    )
+    assert rig.bus.model.calls("1001") == []
+    assert rig.media.released == []  # the endpoints moved to the new call
+
+
+async def test_failed_blind_transfer_keeps_the_original_call() -> None:
+    rig = Rig()
+    await rig.invite(1)
+    rig.answer(PHONES[0], 200, "t0", SDP)
+    (inv,) = rig.take(PHONES[0], "INVITE")
+    ev = in_dialog(rig, PHONES[0], inv, "t0", "REFER", 3, "Refer-To: <sip:1005@127.0.0.1>\r\n")
+    x = rig.b2bua.find_leg(ev.request)
+    assert x is not None
+    target = ForkTarget("1005", f"sip:x@127.0.0.1:{PHONES[2].port}", PHONES[2])
+    rig.b2bua.blind_transfer(
+        x,
+        ev.txn,
+        ev.request,
+        lines=[],
+        caller_from="<sip:1004@h>",
+        caller_pai=None,
+        targets=[target],
+        ring_time=30,
+    )
+    rig.answer(PHONES[2], 486, "t2")
+    last = rig.take(PHONES[0], "NOTIFY")[-1]
+    assert last.body.startswith(b"SIP/2.0 486")
+    assert rig.take(PHONES[0], "BYE") == []
+    (call,) = rig.b2bua.calls.values()
+    assert call.a is not None and call.b is x and call.a.call is call
+    assert rig.bus.model.calls("1001")[0].state is CallState.ACTIVE
+
+
+async def test_attended_transfer_joins_the_two_far_ends() -> None:
+    rig = Rig()
+    await rig.invite(1, call_id="call-1")
+    rig.answer(PHONES[0], 200, "t0", SDP)
+    await rig.invite(1, call_id="call-2", caller=CALLER2)
+    rig.answer(PHONES[0], 200, "u0", SDP)
+    first, second = rig.take(PHONES[0], "INVITE")
+    refer_to = (
+        f"Refer-To: <sip:1004@127.0.0.1?Replaces={second.call_id}%3Bto-tag%3D"
+        f"{second.from_.tag}%3Bfrom-tag%3Du0>\r\n"
+    )
+    ev = in_dialog(rig, PHONES[0], first, "t0", "REFER", 3, refer_to)
+    x1 = rig.b2bua.find_leg(ev.request)
+    assert x1 is not None
+    assert rig.b2bua.attended_transfer(x1, ev.txn, ev.request, second.call_id)
+    assert len(rig.take(PHONES[0], "BYE")) == 2
+    assert rig.take(PHONES[0], "NOTIFY")[-1].body.startswith(b"SIP/2.0 200")
+    (re1,) = rig.take(CALLER, "INVITE")
+    (re2,) = rig.take(CALLER2, "INVITE")
+    assert b"m=audio 30002 " in re1.body and b"m=audio 30006 " in re2.body
+    assert rig.media.bridges[-1] == (30002, 30006)
+    assert sorted(rig.media.released) == [30004, 30008]
+    (call,) = rig.b2bua.calls.values()
+    assert {call.a.dest, call.b.dest} == {CALLER, CALLER2}  # type: ignore[union-attr]
