@@ -1,0 +1,145 @@
+"""Bridges: who gets the packets an endpoint receives.
+
+A `Bridge` owns the `on_packet` handlers of its endpoints while it is started; stopping it puts
+the drop handler back. `RelayBridge` forwards two endpoints to each other (RTP to RTP, RTCP to
+RTCP) by installing the other side's `RtpSocket.send` as the handler: one Python call per packet,
+no parsing. Future media functions plug in at the same place:
+
+- a recorder taps a relay bridge (`RelayBridge.set_tap`): its tap sees every forwarded packet
+  after it was sent, and the untapped fast path stays as it is;
+- a conference mixer is another `Bridge` subclass taking n endpoints and installing handlers that
+  feed its mixing buffers instead of a peer socket.
+"""
+
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from media.endpoint import PacketHandler, RtpEndpoint, RtpSocket, drop
+from media.errors import BridgeError, EndpointClosed
+
+log = logging.getLogger(__name__)
+
+Tap = Callable[[RtpEndpoint, bool, bytes], None]
+"""Sees each forwarded packet: (endpoint it arrived on, is_rtcp, packet). Must be quick."""
+
+
+@dataclass(frozen=True, slots=True)
+class FlowStats:
+    """One direction of a bridge since it started."""
+
+    rtp_packets: int
+    rtp_bytes: int
+    rtcp_packets: int
+    dropped: int  # packets that could not be sent on (peer address unknown, buffer full)
+
+
+@dataclass(frozen=True, slots=True)
+class BridgeStats:
+    a_to_b: FlowStats
+    b_to_a: FlowStats
+
+
+class Bridge(ABC):
+    """Owns the packet handlers of `endpoints` between `start` and `stop`."""
+
+    __slots__ = ("active", "endpoints")
+
+    def __init__(self, *endpoints: RtpEndpoint) -> None:
+        if len(set(map(id, endpoints))) != len(endpoints):
+            raise BridgeError("an endpoint cannot be bridged to itself")
+        self.endpoints = endpoints
+        self.active = False
+
+    def start(self) -> None:
+        """Take over the endpoints' handlers; each endpoint can be in one bridge at a time."""
+        for ep in self.endpoints:
+            if ep.released:
+                raise EndpointClosed(f"{ep!r} is released")
+            if ep.bridge is not None and ep.bridge is not self:
+                raise BridgeError(f"{ep!r} is already bridged")
+        for ep in self.endpoints:
+            ep.bridge = self
+        self.active = True
+        self._install()
+
+    def stop(self) -> None:
+        """Give the handlers back: the endpoints keep latching and counting, and drop."""
+        if not self.active:
+            return
+        self.active = False
+        for ep in self.endpoints:
+            ep.rtp.on_packet = drop
+            ep.rtcp.on_packet = drop
+            ep.bridge = None
+
+    @abstractmethod
+    def _install(self) -> None:
+        """Set the endpoints' `on_packet` handlers."""
+
+
+class RelayBridge(Bridge):
+    """Forwards everything `a` receives to `b`'s remote and vice versa."""
+
+    __slots__ = ("_base", "_tap")
+
+    def __init__(self, a: RtpEndpoint, b: RtpEndpoint, tap: Tap | None = None) -> None:
+        super().__init__(a, b)
+        self._tap = tap
+        self._base: tuple[int, ...] = (0,) * 8
+
+    @property
+    def a(self) -> RtpEndpoint:
+        return self.endpoints[0]
+
+    @property
+    def b(self) -> RtpEndpoint:
+        return self.endpoints[1]
+
+    def start(self) -> None:
+        super().start()
+        self._base = self._counters()
+
+    def set_tap(self, tap: Tap | None) -> None:
+        """Install (or remove, with None) a tap, e.g. a recorder, on a running bridge."""
+        self._tap = tap
+        if self.active:
+            self._install()
+
+    def stats(self) -> BridgeStats:
+        now = self._counters()
+        d = [n - b for n, b in zip(now, self._base, strict=True)]
+        return BridgeStats(FlowStats(*d[0:4]), FlowStats(*d[4:8]))
+
+    def _counters(self) -> tuple[int, ...]:
+        a, b = self.endpoints
+        return (
+            *(a.rtp.rx_packets, a.rtp.rx_bytes, a.rtcp.rx_packets, b.rtp.dropped + b.rtcp.dropped),
+            *(b.rtp.rx_packets, b.rtp.rx_bytes, b.rtcp.rx_packets, a.rtp.dropped + a.rtcp.dropped),
+        )
+
+    def _install(self) -> None:
+        a, b = self.endpoints
+        for src, dst in ((a, b), (b, a)):
+            src.rtp.on_packet = self._forwarder(src, dst.rtp, False)
+            src.rtcp.on_packet = self._forwarder(src, dst.rtcp, True)
+
+    def _forwarder(self, src: RtpEndpoint, dst: RtpSocket, is_rtcp: bool) -> PacketHandler:
+        tap = self._tap
+        if tap is None:
+            return dst.send  # the fast path: a bound method, nothing in between
+        send = dst.send
+
+        def forward(data: bytes) -> None:
+            send(data)
+            try:
+                tap(src, is_rtcp, data)
+            except Exception:
+                # A broken recorder must not cost the call its audio: drop the tap, keep relaying.
+                log.exception("media tap failed, removing it")
+                self.set_tap(None)
+
+        return forward

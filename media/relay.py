@@ -1,0 +1,187 @@
+"""The media manager: one per service, it owns the port range, the endpoints and the bridges.
+
+The B2BUA asks it for an endpoint per leg and m= line, points each endpoint at the address the
+leg's SDP announced, and bridges the two endpoints of a call. Everything here is control path;
+the packets never come through this module (see `media.endpoint` and `media.bridge`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import ipaddress
+import socket
+from dataclasses import dataclass
+
+from media.bridge import Bridge, RelayBridge, Tap
+from media.endpoint import RTCP_RELATCH_AFTER, RTP_RELATCH_AFTER, RtpEndpoint
+from media.errors import PortsExhausted
+from media.ports import PortAllocator
+
+_RETRY_ERRNOS = frozenset({errno.EADDRINUSE, errno.EACCES})
+"""Bind errors that concern one port (another process holds it): try the next pair."""
+
+DSCP_EF = 0xB8
+"""Expedited Forwarding (RFC 3246) in the TOS byte: what networks expect for voice."""
+
+
+@dataclass(frozen=True, slots=True)
+class MediaStats:
+    """Service-wide counters; packet counts include endpoints already released."""
+
+    endpoints: int
+    bridges: int
+    ports_free: int
+    ports_in_use: int
+    bind_failures: int
+    rx_packets: int
+    rx_bytes: int
+    dropped: int
+    ignored: int
+    relatches: int
+
+
+class MediaManager:
+    """Allocates endpoints on `address` from the port range `low..high` and bridges them."""
+
+    def __init__(
+        self,
+        address: str,
+        low: int,
+        high: int,
+        *,
+        bind_attempts: int = 16,
+        relatch_after: tuple[float, float] = (RTP_RELATCH_AFTER, RTCP_RELATCH_AFTER),
+        tos: int | None = DSCP_EF,
+    ) -> None:
+        ip = ipaddress.ip_address(address)  # ValueError: the config must give an IP literal
+        self.address = address
+        self._family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+        self._ports = PortAllocator(low, high)
+        self._bind_attempts = bind_attempts
+        self._relatch_after = relatch_after
+        self._tos = tos
+        self._endpoints: set[RtpEndpoint] = set()
+        self._bridges: set[Bridge] = set()
+        self._totals = [0] * 5  # counters of released endpoints, in MediaStats order
+
+    @property
+    def ports(self) -> PortAllocator:
+        return self._ports
+
+    async def allocate_endpoint(self) -> RtpEndpoint:
+        """Bind a fresh RTP/RTCP pair; raise `PortsExhausted` if none is free or bindable.
+
+        Pairs held by other processes are skipped (up to `bind_attempts` per call). Other bind
+        errors (the address is not ours, say) are configuration errors and propagate.
+        """
+        attempts = max(1, min(self._bind_attempts, self._ports.free))  # each free pair once
+        for _ in range(attempts):
+            port = self._ports.allocate()
+            try:
+                rtp, rtcp = self._bind_pair(port)
+            except OSError as exc:
+                self._ports.mark_bad(port)
+                if exc.errno not in _RETRY_ERRNOS:
+                    raise
+                continue
+            return await self._open(RtpEndpoint(rtp, rtcp, self._closed, self._relatch_after))
+        raise PortsExhausted(f"no bindable RTP port pair after {attempts} attempts")
+
+    async def _open(self, endpoint: RtpEndpoint) -> RtpEndpoint:
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.create_datagram_endpoint(lambda: endpoint.rtp, sock=endpoint.rtp.sock)
+            await loop.create_datagram_endpoint(lambda: endpoint.rtcp, sock=endpoint.rtcp.sock)
+        except BaseException:  # cancelled too: the sockets must not leak
+            endpoint.close()
+            raise
+        self._endpoints.add(endpoint)
+        return endpoint
+
+    def _bind_pair(self, port: int) -> tuple[socket.socket, socket.socket]:
+        rtp = self._bind(port)
+        try:
+            return rtp, self._bind(port + 1)
+        except OSError:
+            rtp.close()
+            raise
+
+    def _bind(self, port: int) -> socket.socket:
+        sock = socket.socket(self._family, socket.SOCK_DGRAM)
+        try:
+            sock.setblocking(False)
+            if self._tos is not None:
+                with contextlib.suppress(OSError):  # QoS marking is best effort
+                    if self._family == socket.AF_INET:
+                        sock.setsockopt(socket.IPPROTO_IP, socket.IP_TOS, self._tos)
+                    else:
+                        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_TCLASS, self._tos)
+            sock.bind((self.address, port))
+        except OSError:
+            sock.close()
+            raise
+        return sock
+
+    def release(self, endpoint: RtpEndpoint) -> None:
+        """Unbridge and close `endpoint`; its ports return to the range once the sockets closed.
+
+        Idempotent, so every teardown path of a call may call it.
+        """
+        if endpoint.bridge is not None:
+            self.unbridge(endpoint.bridge)
+        endpoint.close()
+
+    def _closed(self, endpoint: RtpEndpoint) -> None:
+        self._endpoints.discard(endpoint)
+        for i, n in enumerate(_endpoint_counters(endpoint)):
+            self._totals[i] += n
+        self._ports.release(endpoint.port)
+
+    def bridge(self, a: RtpEndpoint, b: RtpEndpoint, tap: Tap | None = None) -> RelayBridge:
+        """Relay `a` and `b` to each other.
+
+        Raise `BridgeError` if either is bridged already (unbridge it first: a transfer is
+        unbridge + bridge), `EndpointClosed` if either was released.
+        """
+        bridge = RelayBridge(a, b, tap)
+        bridge.start()
+        self._bridges.add(bridge)
+        return bridge
+
+    def unbridge(self, bridge: Bridge) -> None:
+        """Stop relaying; both endpoints stay allocated (to be bridged elsewhere or released)."""
+        bridge.stop()
+        self._bridges.discard(bridge)
+
+    def stats(self) -> MediaStats:
+        counters = list(self._totals)
+        for endpoint in self._endpoints:
+            for i, n in enumerate(_endpoint_counters(endpoint)):
+                counters[i] += n
+        ports = self._ports
+        return MediaStats(
+            len(self._endpoints), len(self._bridges), ports.free, ports.in_use,
+            ports.bind_failures, *counters,
+        )  # fmt: skip
+
+    async def close(self, timeout: float = 5.0) -> None:
+        """Release every endpoint and wait (at most `timeout` s) for the sockets to close."""
+        endpoints = list(self._endpoints)
+        for endpoint in endpoints:
+            self.release(endpoint)
+        if endpoints:
+            waits = [ep.wait_closed() for ep in endpoints]
+            await asyncio.wait_for(asyncio.gather(*waits), timeout)
+
+
+def _endpoint_counters(ep: RtpEndpoint) -> tuple[int, int, int, int, int]:
+    rtp, rtcp = ep.rtp, ep.rtcp
+    return (
+        rtp.rx_packets + rtcp.rx_packets,
+        rtp.rx_bytes + rtcp.rx_bytes,
+        rtp.dropped + rtcp.dropped,
+        rtp.ignored + rtcp.ignored,
+        rtp.relatches + rtcp.relatches,
+    )
