@@ -32,7 +32,7 @@ import structlog
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.json_schema import models_json_schema
 
-from dialplan import Config
+from dialplan import Config, User
 from dialplan.routing import Role, lines_of
 
 from . import __version__
@@ -175,26 +175,23 @@ class HttpApi:
         user = self.authenticate(request)
         if isinstance(user, Response):
             return user
-        body = self.lines_view(self.cfg_provider(), user).model_dump_json().encode()
-        return Response(200, body, user=user)
+        body = self.lines_view(self.cfg_provider(), user.extension).model_dump_json().encode()
+        return Response(200, body, user=user.extension)
 
     async def get_events(self, request: Request) -> Response:
         user = self.authenticate(request)
         if isinstance(user, Response):
             return user
-        cfg_user = self.cfg_provider().user(user)
-        assert cfg_user is not None  # authenticate() just found it
-        password = cfg_user.password
 
         def stream(abort: Callable[[], None]) -> AsyncGenerator[bytes, None]:
-            return self._stream(user, password, abort)
+            return self._stream(user.extension, user.password, abort)
 
         return Response(
             200,
             content_type="text/event-stream",
             headers=(("X-Accel-Buffering", "no"),),  # reverse proxies: do not buffer the stream
             stream=stream,
-            user=user,
+            user=user.extension,
         )
 
     async def get_openapi(self, request: Request) -> Response:
@@ -204,8 +201,8 @@ class HttpApi:
         return json_response(200, {"status": "ok"})
 
     # --- authentication -------------------------------------------------------------------------
-    def authenticate(self, request: Request) -> str | Response:
-        """The user's extension, or the response refusing the request (401, or 429 if throttled).
+    def authenticate(self, request: Request) -> User | Response:
+        """The user, or the response refusing the request (401, or 429 if throttled).
 
         Unknown users and wrong passwords get the same answer after the same work. Only
         presented credentials count as failures: a browser's first request never has any.
@@ -228,7 +225,7 @@ class HttpApi:
             user = cfg.user(name)
             expected = user.password.encode() if user is not None else _DECOY
             if hmac.compare_digest(password.encode(), expected) and user is not None:
-                return user.extension
+                return user
         log.info(
             "http_auth_failed",
             peer=ip,

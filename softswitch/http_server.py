@@ -20,6 +20,7 @@ import email.utils
 import ipaddress
 import json
 import re
+import socket
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -39,6 +40,10 @@ MAX_CONNECTIONS = 1000
 #: moment before closing: closing a socket with unread input sends a TCP RST, and the client
 #: may lose our response with it (the "lingering close" of Apache and nginx).
 LINGER_TIME = 2.0
+#: Kernel send buffer of a streaming connection. Linux autotunes it up to 4 MB, which would let
+#: a stalled event-stream client sit on thousands of events before the application's own bound
+#: (the handler's queue) notices; events are small, so 64 KB costs no throughput.
+STREAM_SNDBUF = 65536
 LINGER_BYTES = 65536
 
 SERVER = "softswitch"
@@ -314,10 +319,16 @@ class HttpServer:
         try:
             if len(self._connections) > self.max_connections:
                 await self._send(writer, error_response(503, "too many connections"))
+                await self._linger(reader, writer)
                 return
             await self._exchange(reader, writer, peer)
         except (ConnectionError, TimeoutError) as exc:
             log.debug("http_connection_lost", peer=peer[0], error=type(exc).__name__)
+        except asyncio.CancelledError:
+            # close() cancels us. This is the connection's top-level task, created by
+            # start_server, whose done-callback (3.11) calls task.exception(), which raises
+            # on a cancelled task: end normally instead, nothing awaits us.
+            pass
         finally:
             self._connections.discard(task)
             writer.close()
@@ -395,16 +406,26 @@ class HttpServer:
         away is noticed at once rather than at the next write (event streams are mostly idle).
         """
         assert response.stream is not None
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, STREAM_SNDBUF)
         writer.write(serialize_head(response.status, _head_fields(response)))
         await self._drain(writer)
         started = time.monotonic()
         loop = asyncio.get_running_loop()
-        pump = loop.create_task(self._pump(writer, response.stream))
+        aborted = False
+
+        def abort() -> None:
+            nonlocal aborted
+            aborted = True
+            writer.transport.abort()
+
+        pump = loop.create_task(self._pump(writer, response.stream(abort)))
         watch = loop.create_task(_until_eof(reader))
         reason = "server_closed"
         try:
             done, _ = await asyncio.wait({pump, watch}, return_when=asyncio.FIRST_COMPLETED)
-            reason = "client_closed" if watch in done else "ended"
+            reason = "aborted" if aborted else "client_closed" if watch in done else "ended"
         finally:
             pump.cancel()
             watch.cancel()
@@ -422,8 +443,10 @@ class HttpServer:
                 seconds=round(time.monotonic() - started, 3),
             )
 
-    async def _pump(self, writer: asyncio.StreamWriter, stream: StreamFactory) -> None:
-        async with contextlib.aclosing(stream(writer.transport.abort)) as chunks:
+    async def _pump(
+        self, writer: asyncio.StreamWriter, stream: AsyncGenerator[bytes, None]
+    ) -> None:
+        async with contextlib.aclosing(stream) as chunks:
             async for chunk in chunks:
                 writer.write(chunk)
                 await self._drain(writer)

@@ -23,6 +23,8 @@ from .call_control import CallControl
 from .call_setup import CallSetup
 from .calls import B2BUA
 from .directory import Directory
+from .http_api import HttpApi
+from .http_server import HttpServer, HttpServerError
 from .lines import LineBus
 from .registrar import AuthResult, Bindings, Outcome, Registrar, RegistrarPolicy
 from .sip.digest import Algorithm, DigestAuthenticator
@@ -84,6 +86,8 @@ class Service:
             self._respond,
             cfg,
         )
+        self.http_api = HttpApi(lambda: self.cfg, self.bus)
+        self.http = HttpServer(self.http_api.handle)
         self._pumping = False
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
@@ -102,7 +106,9 @@ class Service:
         try:
             for spec in self.cfg.listen:
                 await self.transports.listen(spec.transport, str(spec.host), spec.port)
-        except TransportError as exc:
+            await self.http.start(*self.cfg.http.address)
+        except (TransportError, HttpServerError) as exc:
+            await self.http.close()
             await self.transports.close()
             await self.store.close()
             raise ServiceError(str(exc)) from exc
@@ -110,6 +116,7 @@ class Service:
         log.info(
             "service_started",
             listen=[f"{a.transport}:{a.host}:{a.port}" for a in self.transports.local],
+            http=str(self.cfg.http),
             bindings=len(self.bindings),
             data_dir=str(self.cfg.data_dir),
         )
@@ -117,6 +124,7 @@ class Service:
     async def stop(self) -> None:
         if self._housekeeping is not None:
             self._housekeeping.cancel()
+        await self.http.close()
         await self.transports.close()
         await self.media.close()
         if self._tasks:
@@ -148,10 +156,18 @@ class Service:
                 issues=[str(i) for i in exc.issues],
             )
             return
-        if [str(s) for s in cfg.listen] != [
-            str(s) for s in self.cfg.listen
-        ] or cfg.data_dir != self.cfg.data_dir:
-            log.warning("config_reload_needs_restart", changed="listen or data_dir")
+        changed = [
+            name
+            for name, old, new in (
+                ("listen", [str(x) for x in self.cfg.listen], [str(x) for x in cfg.listen]),
+                ("data_dir", self.cfg.data_dir, cfg.data_dir),
+                ("http", self.cfg.http, cfg.http),
+                ("media", self.cfg.media, cfg.media),
+            )
+            if old != new
+        ]
+        if changed:
+            log.warning("config_reload_needs_restart", changed=changed)
         self.registrar = self._make_registrar(cfg, self.registrar.auth)
         self.calls.setup = self._make_setup(cfg)
         self.calls.cfg = cfg
