@@ -56,6 +56,8 @@ class MediaManager:
         tos: int | None = DSCP_EF,
     ) -> None:
         ip = ipaddress.ip_address(address)  # ValueError: the config must give an IP literal
+        if ip.is_unspecified:  # `address` goes into SDP, where 0.0.0.0 means "hold"
+            raise ValueError(f"media address {address} cannot be written into SDP")
         self.address = address
         self._family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
         self._ports = PortAllocator(low, high)

@@ -1114,14 +1114,21 @@ class B2BUA:
 
     @staticmethod
     def _set_remote(endpoint: Any, desc: SessionDescription) -> None:
-        if endpoint is None:
+        """Point `endpoint` where the first audio stream of `desc` wants RTP.
+
+        An address the relay cannot use (a host name, the other address family) leaves the
+        endpoint to latch onto whatever the phone sends; a released endpoint is left alone.
+        """
+        if endpoint is None or getattr(endpoint, "released", False):
             return
         for i, m in enumerate(desc.media):
             if m.media == "audio" and not m.rejected:
                 try:
                     endpoint.set_remote(desc.rtp_address(i), desc.rtcp_address(i))
-                except (ValueError, MediaError):
+                except ValueError:
                     endpoint.set_remote(None, None)
+                except MediaError:
+                    pass
                 return
 
     def _via(self, dest: Address) -> str:

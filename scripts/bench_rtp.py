@@ -1,0 +1,476 @@
+"""RTP relay benchmark on 127.0.0.1: how many G.711 calls can one relay process carry?
+
+The relay (media.MediaManager, one process) bridges N calls; this process plays 2N phones:
+each sends 50 packets/s of 172 bytes (G.711, 20 ms) to its relay port and counts what the relay
+delivers from the other side. Sends are spread evenly over each 20 ms period, like real phones.
+Everything is bounded: N calls, T seconds, then a drain of at most 10 s.
+
+Reported per run: offered and relayed packets/s, loss (never delivered) and late packets
+(delivered more than 100 ms after they were sent: a jitter buffer would discard them), the
+relay's CPU time per relayed packet (utime and stime from /proc/<pid>/stat over the load window)
+and what that projects to per core, the CPU other processes used meanwhile (the machine may be
+shared), and memory per call (tracemalloc and RSS growth while allocating and bridging N calls).
+Kernel receive-buffer drops on either side are read from /proc/net/udp. On a shared machine,
+use --quiet and read the other% column: a busy neighbour shows up as late packets.
+
+On loopback the sender's sendto also runs the receive path into the destination socket, so the
+relay pays for delivering to the phones as well: more kernel time than it would spend on a NIC.
+
+    python scripts/bench_rtp.py                      # 100 250 500 1000 calls, uvloop and asyncio
+    python scripts/bench_rtp.py --calls 500 --loop uvloop --seconds 5
+    python scripts/bench_rtp.py --calls 500 --py-spy /tmp/relay.txt   # profile the relay too
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import select
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import time
+import tracemalloc
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+try:
+    from media import MediaManager
+except ImportError:  # run from a checkout without installing it
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from media import MediaManager
+
+from aiortc.rtp import RtpPacket
+
+HOST = "127.0.0.1"
+PPS_PER_STREAM = 50
+PAYLOAD = 160  # G.711 20 ms -> 172-byte RTP packets
+SLOTS = 10  # sends are spread over this many slots per 20 ms period
+LATE = 0.1  # seconds: later than this, a packet is as good as lost to a jitter buffer
+STAMP = struct.Struct("!HIId")  # seq, timestamp, ssrc, then the send time in the payload
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+# --- relay process ----------------------------------------------------------------------------
+
+
+def relay_main(loop_name: str, low: int, high: int, pin: bool) -> None:
+    """Bridge the calls described on stdin, report on stdout, until stdin says quit."""
+    if pin:
+        os.sched_setaffinity(0, {0})
+    if loop_name == "uvloop":
+        import uvloop
+
+        uvloop.run(_relay(low, high))
+    else:
+        asyncio.run(_relay(low, high))
+
+
+async def _relay(low: int, high: int) -> None:
+    loop = asyncio.get_running_loop()
+    lines: asyncio.Queue[str] = asyncio.Queue()
+    buffer = b""
+
+    def on_stdin() -> None:
+        nonlocal buffer
+        buffer += os.read(0, 65536) or b"quit\n"
+        while b"\n" in buffer:
+            line, buffer = buffer.split(b"\n", 1)
+            lines.put_nowait(line.decode())
+
+    loop.add_reader(0, on_stdin)
+    manager = MediaManager(HOST, low, high, tos=None)
+    phones = json.loads(await lines.get())
+    ports, memory = await _bridge_calls(manager, phones)
+    _reply({"ports": ports, "memory": memory})
+    while (command := await lines.get()) != "quit":
+        if command == "stats":
+            stats = manager.stats()
+            _reply({"rx": stats.rx_packets, "dropped": stats.dropped, "ignored": stats.ignored})
+    await manager.close()
+
+
+async def _bridge_calls(
+    manager: MediaManager, phones: list[list[int]]
+) -> tuple[list[list[int]], dict[str, float]]:
+    rss_before = _rss()
+    tracemalloc.start()
+    ports = []
+    for port_a, port_b in phones:
+        ep_a, ep_b = await manager.allocate_endpoint(), await manager.allocate_endpoint()
+        ep_a.set_remote((HOST, port_a))
+        ep_b.set_remote((HOST, port_b))
+        manager.bridge(ep_a, ep_b)
+        ports.append([ep_a.port, ep_b.port])
+    traced, _ = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    calls = max(1, len(phones))
+    return ports, {"traced_per_call": traced / calls, "rss_per_call": (_rss() - rss_before) / calls}
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _reply(obj: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
+# --- load generator (this process) -------------------------------------------------------------
+
+
+@dataclass
+class Result:
+    loop: str
+    calls: int
+    seconds: float
+    sent: int
+    received: int
+    late: int  # received more than LATE seconds after sending
+    max_delay: float
+    relay_rx: int  # packets the relay received from the phones
+    relay_cpu: tuple[float, float]  # user, system seconds over the load window
+    others: float  # CPU seconds used by other processes on the machine meanwhile
+    memory: dict[str, float]
+    notes: list[str]
+
+    def row(self) -> str:
+        sent, secs = max(1, self.sent), self.seconds
+        user, system = (1e6 * t / max(1, self.received) for t in self.relay_cpu)
+        per_pkt = user + system
+        cells = (
+            f"{self.loop:8} {self.calls:6} {self.sent / secs:8.0f} {self.received / secs:8.0f}",
+            f"{100 * (self.sent - self.received) / sent:7.3f} {100 * self.late / sent:6.2f}",
+            f"{1000 * self.max_delay:6.0f} {per_pkt:6.2f} {user:5.2f} {system:5.2f}",
+            f"{100 * sum(self.relay_cpu) / secs:5.1f} {1e6 / max(0.01, per_pkt):7.0f}",
+            f"{100 * self.others / secs:6.0f} {self.memory['traced_per_call'] / 1024:7.2f}",
+            f"{self.memory['rss_per_call'] / 1024:6.1f}",
+        )
+        notes = f"  ({', '.join(self.notes)})" if self.notes else ""
+        return " ".join(cells) + notes
+
+
+HEADER = (
+    f"{'loop':8} {'calls':>6} {'offer/s':>8} {'relay/s':>8} {'loss %':>7} {'late %':>6} "
+    f"{'max ms':>6} {'us/pkt':>6} {'user':>5} {'sys':>5} {'cpu %':>5} {'pkt/s/c':>7} "
+    f"{'other%':>6} {'KB/call':>7} {'RSS KB':>6}"
+)
+LEGEND = f"""\
+offer/s, relay/s: packets/s the phones sent, and the relay delivered back to them
+loss %: never delivered; late %: delivered > {LATE * 1000:.0f} ms after sending (relay backlog, or
+  either process waiting for a CPU: the generator's own lag counts too); max ms: worst delay
+us/pkt = user + sys: relay CPU time per relayed packet; pkt/s/c = 1e6 / us/pkt, per core
+cpu %: relay process load; other%: CPU other processes used meanwhile (100 = one core)
+KB/call: tracemalloc per call (2 endpoints, 4 sockets, 1 bridge); RSS KB: RSS growth per call"""
+
+
+class Phones:
+    """2N simulated phones sending from and receiving on a few UDP sockets (phone i: i % K).
+
+    The relay's endpoints do not care that several of them send to one address, and K sockets
+    instead of 2N keep this generator cheap enough to share two cores with the relay. Each
+    packet carries its send time in the payload, so the receiver can tell late from lost.
+    """
+
+    def __init__(self, calls: int, sockets: int) -> None:
+        self.streams = 2 * calls
+        self.socks = [self._open() for _ in range(min(sockets, self.streams))]
+        k = len(self.socks)
+        self.ports = [self.socks[i % k].getsockname()[1] for i in range(self.streams)]
+        self._sendto = [self.socks[i % k].sendto for i in range(self.streams)]
+        self.packets = [self._template(i) for i in range(self.streams)]
+        self.received = self.bad = self.late = 0
+        self.max_delay = 0.0
+        self._poll = select.poll()
+        for sock in self.socks:
+            self._poll.register(sock, select.POLLIN)
+        self._recv = {sock.fileno(): sock.recv_into for sock in self.socks}
+        self._buf = bytearray(2048)
+
+    @staticmethod
+    def _open() -> socket.socket:
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)  # capped by net.core.rmem_max
+        s.bind((HOST, 0))
+        s.setblocking(False)
+        return s
+
+    @staticmethod
+    def _template(i: int) -> bytearray:
+        return bytearray(RtpPacket(0, False, 0, 0, 0x10000 + i, b"\xff" * PAYLOAD).serialize())
+
+    def run(self, relay_ports: list[int], seconds: float) -> int:
+        """Send 50 packets/s per phone for `seconds`, receiving meanwhile; return packets sent.
+
+        If the generator falls behind (CPU), it sends late rather than skipping: every packet
+        of the schedule is sent, and offered packets/s comes out lower than nominal.
+        """
+        targets = [(HOST, p) for p in relay_ports]
+        per_slot = -(-self.streams // SLOTS)
+        period = 1.0 / PPS_PER_STREAM
+        sent = seq = 0
+        start = time.monotonic()
+        while (tick := start + seq * period) < start + seconds:
+            for slot in range(SLOTS):
+                self.drain_until(tick + slot * period / SLOTS)
+                sent += self._send(slot * per_slot, (slot + 1) * per_slot, targets, seq)
+            seq += 1
+        return sent
+
+    def _send(self, first: int, stop: int, targets: list[tuple[str, int]], seq: int) -> int:
+        sendto, packets, pack_into = self._sendto, self.packets, STAMP.pack_into
+        seq16, ts, now = seq & 0xFFFF, (seq * 160) & 0xFFFFFFFF, time.monotonic()
+        sent = 0
+        for i in range(first, min(stop, self.streams)):
+            packet = packets[i]
+            pack_into(packet, 2, seq16, ts, 0x10000 + i, now)
+            try:
+                sendto[i](packet, targets[i])
+                sent += 1
+            except BlockingIOError:
+                pass
+        return sent
+
+    def drain_until(self, due: float) -> None:
+        """Receive and count until monotonic time `due`; at least one pass even if late."""
+        poll, recv, buf, unpack_from = self._poll, self._recv, self._buf, STAMP.unpack_from
+        received = bad = late = 0
+        max_delay = self.max_delay
+        while True:
+            timeout_ms = max(0.0, due - time.monotonic()) * 1000
+            for fd, _ in poll.poll(timeout_ms):
+                recv_into, now = recv[fd], time.monotonic()
+                while True:
+                    try:
+                        n = recv_into(buf)
+                    except BlockingIOError:
+                        break
+                    received += 1
+                    bad += n != PAYLOAD + 12
+                    delay = now - unpack_from(buf, 2)[3]
+                    if delay > LATE:
+                        late += 1
+                        max_delay = max(max_delay, delay)
+            if time.monotonic() >= due:
+                break
+        self.received += received
+        self.bad += bad
+        self.late += late
+        self.max_delay = max_delay
+
+    def close(self) -> None:
+        for s in self.socks:
+            s.close()
+
+
+def _proc_cpu(pid: int) -> tuple[float, float]:
+    """User and system CPU seconds of process `pid`."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
+
+
+def _udp_drops(ports: set[int]) -> int:
+    """Datagrams the kernel dropped (receive buffer full) on our loopback UDP sockets."""
+    drops = 0
+    with open("/proc/net/udp") as f:
+        for line in f.readlines()[1:]:
+            fields = line.split()
+            if int(fields[1].split(":")[1], 16) in ports:
+                drops += int(fields[-1])
+    return drops
+
+
+def _machine_busy() -> float:
+    """CPU seconds all processes used since boot (from /proc/stat), to spot a noisy neighbour."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    idle = fields[3] + fields[4]  # idle, iowait
+    return (sum(fields[:8]) - idle) / CLK_TCK
+
+
+class Relay:
+    """The relay process, driven over its stdin/stdout."""
+
+    def __init__(self, args: argparse.Namespace, loop: str) -> None:
+        cmd = [sys.executable, __file__, "--role", "relay", "--loop", loop, "--ports", args.ports]
+        self.proc = subprocess.Popen(
+            cmd + ["--pin"] * args.pin, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+        self.pid = self.proc.pid
+
+    def ask(self, line: str, timeout: float = 10.0) -> dict[str, Any]:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+        poll = select.poll()  # not select.select: the phones' sockets may take fds above 1024
+        poll.register(self.proc.stdout, select.POLLIN)
+        if not poll.poll(timeout * 1000):
+            raise TimeoutError("relay did not answer")
+        reply = self.proc.stdout.readline()
+        if not reply:
+            raise RuntimeError(f"relay exited with {self.proc.wait(5)}")
+        answer: dict[str, Any] = json.loads(reply)
+        return answer
+
+    def rx(self) -> int:
+        return int(self.ask("stats")["rx"])
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            assert self.proc.stdin is not None
+            self.proc.stdin.write("quit\n")
+            self.proc.stdin.flush()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+
+def settle(phones: Phones, relay: Relay, sent: int, rx0: int, received0: int) -> None:
+    """After the load: wait until the relay has relayed all it got and the phones have it all,
+    or nothing moves for 1 s (at most 10 s). Late packets then count as late, not as lost."""
+    end = time.monotonic() + 10
+    last, still = (-1, -1), 0
+    while time.monotonic() < end and still < 5:
+        phones.drain_until(time.monotonic() + 0.2)
+        now = (relay.rx() - rx0, phones.received - received0)
+        if now[0] >= sent and now[1] >= now[0]:
+            return
+        still = still + 1 if now == last else 0
+        last = now
+
+
+def run_one(args: argparse.Namespace, loop: str, calls: int) -> Result:
+    phones, relay = Phones(calls, args.sockets), Relay(args, loop)
+    spy: subprocess.Popen[bytes] | None = None
+    try:
+        pairs = [[phones.ports[2 * i], phones.ports[2 * i + 1]] for i in range(calls)]
+        setup = relay.ask(json.dumps(pairs), timeout=60)
+        relay_ports = [port for pair in setup["ports"] for port in pair]
+        if args.py_spy:
+            spy = subprocess.Popen(
+                [_py_spy(), "record", "--format", "raw", "-o", args.py_spy, "-r", "200",
+                 "-d", str(int(args.seconds)), "-p", str(relay.pid)]
+            )  # fmt: skip
+        drops0 = _udp_drops(set(relay_ports)), _udp_drops(set(phones.ports))
+        rx0, received0 = relay.rx(), phones.received
+        cpu0, busy0, own0, t0 = _proc_cpu(relay.pid), _machine_busy(), _own(), time.monotonic()
+        sent = phones.run(relay_ports, args.seconds)
+        cpu1, busy1, own1, t1 = _proc_cpu(relay.pid), _machine_busy(), _own(), time.monotonic()
+        settle(phones, relay, sent, rx0, received0)
+        relay_rx = relay.rx() - rx0
+        drops = _udp_drops(set(relay_ports)) - drops0[0], _udp_drops(set(phones.ports)) - drops0[1]
+        relay.stop()
+        if spy is not None:
+            spy.wait(args.seconds + 30)
+        relay_cpu = (cpu1[0] - cpu0[0], cpu1[1] - cpu0[1])
+        others = max(0.0, busy1 - busy0 - sum(relay_cpu) - (own1 - own0))
+        counts = (
+            (phones.bad, "bad packets"),
+            (sent - relay_rx, "never reached the relay"),
+            (drops[0], "relay rcvbuf drops"),
+            (drops[1], "phone rcvbuf drops"),
+        )
+        notes = [f"{n} {what}" for n, what in counts if n]
+        received = phones.received - received0
+        return Result(
+            loop, calls, t1 - t0, sent, received, phones.late, phones.max_delay, relay_rx,
+            relay_cpu, others, setup["memory"], notes,
+        )  # fmt: skip
+    finally:
+        phones.close()
+        relay.stop()
+        if spy is not None and spy.poll() is None:
+            spy.kill()
+            spy.wait(5)
+
+
+def wait_for_quiet(limit: float, threshold: float = 0.3) -> float:
+    """Wait (at most `limit` s) for a second in which other processes use < `threshold` cores.
+
+    The machine may be shared (CI, other developers' tests): a run next to a busy neighbour
+    measures the neighbour. Returns the load of the last second observed.
+    """
+    end = time.monotonic() + limit
+    while True:
+        busy0, own0 = _machine_busy(), _own()
+        time.sleep(1.0)
+        load = _machine_busy() - busy0 - (_own() - own0)
+        if load < threshold or time.monotonic() >= end:
+            return load
+
+
+def _own() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
+def _py_spy() -> str:
+    """py-spy from PATH, else from beside this Python (a venv not activated)."""
+    return shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",")]
+
+
+def _runs(args: argparse.Namespace) -> Iterator[tuple[str, int]]:
+    loops = ["uvloop", "asyncio"] if args.loop == "both" else [args.loop]
+    for loop in loops:
+        for calls in args.calls:
+            yield loop, calls
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--role", choices=["bench", "relay"], default="bench", help=argparse.SUPPRESS
+    )
+    parser.add_argument(
+        "--calls", type=_ints, default=[100, 250, 500, 1000], help="e.g. 100,250,500"
+    )
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--loop", choices=["uvloop", "asyncio", "both"], default="both")
+    parser.add_argument("--ports", default="22000-29999", help="relay port range (4 per call)")
+    parser.add_argument("--sockets", type=int, default=16, help="generator sockets (default 16)")
+    parser.add_argument(
+        "--quiet", type=float, default=0.0, metavar="S",
+        help="before each run, wait up to S seconds for the machine to be idle",
+    )  # fmt: skip
+    parser.add_argument("--pin", action="store_true", help="relay on CPU 0, generator on CPU 1")
+    parser.add_argument(
+        "--py-spy", metavar="FILE", help="record the relay with py-spy (raw format)"
+    )
+    args = parser.parse_args()
+    low, high = (int(x) for x in args.ports.split("-"))
+    if args.role == "relay":
+        relay_main(args.loop, low, high, args.pin)
+        return
+    if max(args.calls) * 4 > high - low + 1:
+        parser.error(f"--ports {args.ports} is too small for {max(args.calls)} calls")
+    if args.pin:
+        os.sched_setaffinity(0, {1})
+    pinning = "relay on CPU 0, generator on CPU 1" if args.pin else "not pinned"
+    print(f"{os.cpu_count()} CPUs, {pinning}, {args.seconds:g} s per run, G.711 50 pps/stream")
+    print(LEGEND)
+    print(HEADER, flush=True)
+    for loop, calls in _runs(args):
+        if args.quiet:
+            wait_for_quiet(args.quiet)
+        print(run_one(args, loop, calls).row(), flush=True)
+
+
+if __name__ == "__main__":
+    main()
