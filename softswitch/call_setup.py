@@ -100,6 +100,10 @@ class CallSetup:
             if user is None:
                 return Refuse(403, "Forbidden", "feature_untrusted")
             return Feature(user, route.feature, route.argument)
+        if not route.targets:
+            # Everyone of the line set do-not-disturb: the one case where a busy answer is
+            # right (a party on another call still rings: call waiting is the phone's job).
+            return Refuse(486, "Busy Here", "call_dnd", user=user)
         return self._admit(req, user, identity, route, now)
 
     # --- steps ------------------------------------------------------------------------------

@@ -158,3 +158,19 @@ def test_feature_codes_and_unknown_numbers() -> None:
     assert d == Feature("1002", "ring_opt_out", "")
     nf = cs.decide(invite(cs, "5555", "1002", "s2"), SRC, NOW)
     assert isinstance(nf, Refuse) and nf.status == 404
+
+
+def test_dnd_everywhere_is_busy_but_a_busy_phone_still_rings() -> None:
+    cs = setup()
+    bind(cs, "1004", 6010)
+    cfg_dnd = load_config_text(
+        CONFIG.replace(
+            "name: Dave Outsider, password: s4}", "name: Dave Outsider, password: s4, dnd: true}"
+        )
+    )
+    dnd = CallSetup(cfg_dnd, Directory.from_config(cfg_dnd), cs.auth, cs.bindings)
+    d = dnd.decide(invite(dnd, "1004", "1002", "s2"), SRC, NOW)
+    assert isinstance(d, Refuse) and d.status == 486
+    # Without DND the call is admitted whatever else the phone is doing (call waiting).
+    ok = cs.decide(invite(cs, "1004", "1002", "s2"), SRC, NOW)
+    assert isinstance(ok, Admit) and [t.dest.port for t in ok.targets] == [6010]
