@@ -165,6 +165,7 @@ class Call:
     b_from: str = ""  # From header value (without tag) towards the callees
     b_from_tag: str = field(default_factory=new_tag)
     extra_headers: list[tuple[str, str]] = field(default_factory=list)  # e.g. Referred-By
+    bye_from: Leg | None = None  # the leg whose phone hung up
     transfer: Transfer | None = None  # set while this call rings a blind-transfer target
     held_by: str | None = None  # the party whose phone holds the call
     private: bool = False  # held privately: only `held_by` may retrieve it
@@ -511,6 +512,7 @@ class B2BUA:
             if other is not None and other.dialog is not None and other.state is not LegState.ENDED:
                 bye = other.dialog.new_request("BYE", self._via(other.dest))
                 self.layer.send_request(bye, other.dest, self._now())
+            call.bye_from = leg
             self._end(call, "bye", by=leg.party)
             self.flush()
             return
@@ -1008,6 +1010,9 @@ class B2BUA:
             shown = state
             if state is CallState.RINGING and ref.direction is Direction.OUTBOUND:
                 shown = CallState.DIALING
+            why = reason
+            if reason == "bye":  # RFC 4235 wants to know which side hung up
+                why = "local-bye" if self.party_leg(call, ref) is call.bye_from else "remote-bye"
             event = LineEvent(
                 ref.line,
                 call.id,
@@ -1018,7 +1023,7 @@ class B2BUA:
                 ref.remote_name,
                 call.started_at,
                 now,
-                reason,
+                why,
                 dialog=self._dialog_id(call, ref.direction),
                 private=call.private and shown is CallState.HELD,
             )

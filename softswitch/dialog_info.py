@@ -53,6 +53,7 @@ TERMINATION_EVENTS = {
     "rejected": "rejected",
     "no answer": "rejected",
     "replaced": "replaced",
+    "transferred": "replaced",  # the B2BUA joined the call elsewhere (RFC 3515, RFC 3891)
     "local-bye": "local-bye",
     "remote-bye": "remote-bye",
     "timeout": "timeout",

@@ -10,6 +10,7 @@ their earliest deadline (the aioquic pattern).
 from __future__ import annotations
 
 import asyncio
+import gc
 import signal
 import time
 from pathlib import Path
@@ -41,8 +42,10 @@ from .sip.transaction_layer import (
     TransactionLayer,
     TransactionTimeout,
 )
+from .sip.transaction_layer import TransportError as DeliveryFailed
 from .sip.uri import SipUri
 from .store.sqlite import SqliteStore, StoreError
+from .subscriptions import SubscriptionManager
 from .throttle import FailureThrottle
 from .transport import TransportError, TransportManager
 
@@ -50,6 +53,7 @@ log = structlog.get_logger("softswitch")
 
 ALLOW = "INVITE, ACK, CANCEL, BYE, OPTIONS, REGISTER, REFER, NOTIFY, SUBSCRIBE, UPDATE, INFO"
 SUPPORTED: frozenset[str] = frozenset()
+ALLOW_EVENTS = "dialog"
 HOUSEKEEPING_INTERVAL = 30.0
 
 
@@ -86,6 +90,18 @@ class Service:
             self._respond,
             cfg,
         )
+        self.subscriptions = SubscriptionManager(
+            self.layer,
+            self._local_address,
+            self.registrar.auth,
+            self.registrar.directory,
+            cfg,
+            self.bus.model,
+            self._flush,
+            self._loop_time,
+            throttle=self.throttle,
+        )
+        self.bus.subscribe(self.subscriptions.on_line_event)
         self.http_api = HttpApi(lambda: self.cfg, self.bus)
         self.http = HttpServer(self.http_api.handle)
         self._pumping = False
@@ -113,6 +129,10 @@ class Service:
             await self.store.close()
             raise ServiceError(str(exc)) from exc
         self._housekeeping = asyncio.get_running_loop().create_task(self._housekeep())
+        # The start-up heap (config, bindings, modules) never dies: keep the cyclic collector
+        # from re-walking it, which cost 40-56 ms pauses in the NOTIFY fan-out benchmark.
+        gc.collect()
+        gc.freeze()
         log.info(
             "service_started",
             listen=[f"{a.transport}:{a.host}:{a.port}" for a in self.transports.local],
@@ -170,6 +190,7 @@ class Service:
             log.warning("config_reload_needs_restart", changed=changed)
         self.registrar = self._make_registrar(cfg, self.registrar.auth)
         self.calls.setup = self._make_setup(cfg)
+        self.subscriptions.update(cfg, self.registrar.directory, self.registrar.auth)
         self.calls.cfg = cfg
         self.cfg = cfg
         log.info("config_reloaded", file=str(self.config_path), users=len(cfg.users))
@@ -264,19 +285,24 @@ class Service:
         if isinstance(event, RequestReceived):
             self._on_request(event.txn, event.request, event.source)
         elif isinstance(event, ResponseReceived):
-            self.calls.on_response(event.txn, event.response)
+            if not self.subscriptions.on_response(event.txn, event.response):
+                self.calls.on_response(event.txn, event.response)
         elif isinstance(event, AckReceived):
             self.calls.on_ack(event.request)
         elif isinstance(event, AckTimeout) and isinstance(event.txn, ServerTransaction):
             log.warning("ack_timeout", call_id=event.txn.request.call_id)
             self.calls.on_ack_timeout(event.txn)
-        elif isinstance(event, TransactionTimeout) and isinstance(event.txn, ClientTransaction):
-            self.calls.on_timeout(event.txn)
+        elif (
+            isinstance(event, TransactionTimeout) and isinstance(event.txn, ClientTransaction)
+        ) or (isinstance(event, DeliveryFailed) and isinstance(event.txn, ClientTransaction)):
+            if not self.subscriptions.on_timeout(event.txn):
+                self.calls.on_timeout(event.txn)
         elif isinstance(event, StrayResponse):
             self.calls.on_stray(event.response)
 
     def _arm_timer(self) -> None:
-        deadlines = [d for d in (self.layer.get_timer(), self.b2bua.get_timer()) if d is not None]
+        pending = (self.layer.get_timer(), self.b2bua.get_timer(), self.subscriptions.get_timer())
+        deadlines = [d for d in pending if d is not None]
         if not deadlines:
             return
         deadline = min(deadlines)
@@ -293,6 +319,7 @@ class Service:
         now = self._loop_time()
         self.layer.handle_timer(now)
         self.b2bua.handle_timer(now)
+        self.subscriptions.handle_timer(now)
         self._pump()
 
     @staticmethod
@@ -305,6 +332,9 @@ class Service:
         if early is not None:
             self._respond(txn, req, early, source)
             return
+        if req.method == "SUBSCRIBE" and (req.to.tag is None or self.subscriptions.find(req)):
+            self.subscriptions.on_subscribe(txn, req, source)
+            return
         if self.calls.on_request(txn, req, source):
             return
         if req.method == "REGISTER":
@@ -312,6 +342,7 @@ class Service:
         elif req.method == "OPTIONS":
             resp = req.make_response(200, "OK")
             resp.headers.add("Allow", ALLOW)
+            resp.headers.add("Allow-Events", ALLOW_EVENTS)
             resp.headers.add("Accept", "application/sdp")
             self._respond(txn, req, resp, source)
         elif req.method == "ACK":

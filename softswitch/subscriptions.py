@@ -43,10 +43,12 @@ from .lines import CallState, LineEvent, LineModel
 from .sip.dialog import Dialog, new_tag
 from .sip.digest import DigestAuthenticator, Verdict, parse_authorization
 from .sip.errors import ParseError
+from .sip.headers import CSeq, Headers, Via, header_key
 from .sip.message import Request, Response
 from .sip.syntax import is_token
 from .sip.transaction import Address, ClientTransaction, ServerTransaction
 from .sip.transaction_layer import TransactionLayer
+from .sip.uri import Uri
 from .throttle import FailureThrottle
 
 log = structlog.get_logger("softswitch.subscriptions")
@@ -76,11 +78,50 @@ class Subscription:
     pending: ClientTransaction | None = None  # the NOTIFY in flight
     dirty: bool = False  # the line changed while a NOTIFY was in flight
     ended: dict[str, LineEvent] = field(default_factory=dict)  # ended calls not yet shown
+    template: _Template | None = None  # our NOTIFY, built once per target (see _Template)
 
     @property
     def peer(self) -> tuple[str, str | None]:
         """The subscriber's side of the dialog: (Call-ID, its From tag)."""
         return (self.dialog.call_id, self.dialog.remote_tag)
+
+
+@dataclass(frozen=True, slots=True)
+class _Template:
+    """A subscription's NOTIFY less what changes per request: Via, CSeq, Subscription-State.
+
+    Built with `Dialog.new_request` (route set, strict routing and all) whenever the target
+    changes, it turns each NOTIFY into a list copy: building the request from scratch was a
+    third of the cost of notifying a line's 48 watchers.
+    """
+
+    uri: Uri
+    before_cseq: tuple[tuple[str, str, str], ...]  # Headers entries: (key, name, value)
+    after_cseq: tuple[tuple[str, str, str], ...]
+
+    @classmethod
+    def of(cls, dialog: Dialog, contact: str, event: str) -> _Template:
+        extra = [("Event", event), ("Content-Type", CONTENT_TYPE)]
+        probe = dialog.new_request("NOTIFY", "", contact, extra, cseq=0)
+        items = [(header_key(name), name, value) for name, value in probe.headers]
+        at = next(i for i, item in enumerate(items) if item[0] == "cseq")
+        return cls(probe.uri, tuple(items[1:at]), tuple(items[at + 1 :]))
+
+    def request(self, via: Via, seq: int, state: str, body: bytes) -> Request:
+        headers = Headers(
+            [
+                ("via", "Via", str(via)),
+                *self.before_cseq,
+                ("cseq", "CSeq", f"{seq} NOTIFY"),
+                *self.after_cseq,
+                ("subscription-state", "Subscription-State", state),
+            ]
+        )
+        # The layer reads back the top Via and the CSeq of what it sends: hand it the values
+        # just written rather than have it parse them again.
+        headers.parsed("via", lambda _: [via])
+        headers.parsed("cseq", lambda _: CSeq(seq, "NOTIFY"))
+        return Request("NOTIFY", self.uri, headers, body)
 
 
 class SubscriptionStats(NamedTuple):
@@ -221,6 +262,7 @@ class SubscriptionManager:
             return
         sub.dialog.update_target(req)  # SUBSCRIBE is a target refresh request
         sub.dest = source  # the phone's NAT binding may have moved
+        sub.template = None
         self._respond(txn, req, source, self._ok(req, expires, source, None), sub.user)
         if expires == 0:
             self._terminate(sub, "timeout")  # RFC 6665 §4.2.1.4: unsubscribing
@@ -350,13 +392,11 @@ class SubscriptionManager:
         sub.version += 1
         sub.ended.clear()
         sub.dirty = False
-        extra = [
-            ("Event", sub.event),
-            ("Subscription-State", state),
-            ("Content-Type", CONTENT_TYPE),
-        ]
-        req = sub.dialog.new_request(
-            "NOTIFY", self._via(sub.dest), self._contact(sub.dest), extra, doc.body(sub.version)
+        if sub.template is None:
+            sub.template = _Template.of(sub.dialog, self._contact(sub.dest), sub.event)
+        sub.dialog.local_cseq += 1
+        req = sub.template.request(
+            self._via(sub.dest), sub.dialog.local_cseq, state, doc.body(sub.version)
         )
         txn = self.layer.send_request(req, sub.dest, self._clock())
         sub.pending = txn
@@ -365,17 +405,19 @@ class SubscriptionManager:
     def _document(
         self, sub: Subscription, docs: dict[tuple[str, ...], Document] | None
     ) -> Document:
+        """The line's state for `sub`, rendered once per distinct set of ended calls.
+
+        An ended call that is back on the line (a transfer ends a call and revives it under
+        the same id) is shown as it is now, not also as terminated: ids must stay unique.
+        """
         key = tuple(sub.ended)
         doc = docs.get(key) if docs is not None else None
         if doc is None:
-            doc = document(
-                sub.line,
-                self.model.calls(sub.line),
-                self.cfg.domain,
-                self._wall(),
-                sub.ended.values(),
-                self.directory.names,
-            )
+            calls = self.model.calls(sub.line)
+            live = {c.call_id for c in calls}
+            ended = [e for e in sub.ended.values() if e.call_id not in live]
+            names = self.directory.names
+            doc = document(sub.line, calls, self.cfg.domain, self._wall(), ended, names)
             if docs is not None:
                 docs[key] = doc
         return doc
@@ -498,12 +540,10 @@ class SubscriptionManager:
         log.info("subscription_ended", user=sub.user, line=sub.line, reason=reason)
 
     # --- addressing (as the B2BUA builds them) ----------------------------------------------
-    def _via(self, dest: Address) -> str:
+    def _via(self, dest: Address) -> Via:
         local = self.local(dest.transport)
-        return (
-            f"SIP/2.0/{dest.transport.upper()} {_host(local.host)}:{local.port};"
-            f"branch={self.layer.new_branch()};rport"
-        )
+        params = (("branch", self.layer.new_branch()), ("rport", None))
+        return Via(dest.transport.upper(), _host(local.host), local.port, params)
 
     def _contact(self, dest: Address) -> str:
         local = self.local(dest.transport)
