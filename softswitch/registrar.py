@@ -11,6 +11,7 @@ then 403), so a scanner cannot enumerate extensions.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from email.utils import formatdate
@@ -238,8 +239,14 @@ class Registrar:
         resp = req.make_response(200, "OK")
         for b in self.bindings.current(aor, now):
             resp.headers.add("Contact", f"{b.contact};expires={max(0, int(b.expires_at - now))}")
-        resp.headers.add("Date", formatdate(now, usegmt=True))
+        resp.headers.add("Date", _http_date(int(now)))
         return resp
+
+
+@functools.lru_cache(maxsize=4)
+def _http_date(second: int) -> str:
+    """RFC 1123 date for the Date header (§20.17), computed once per second, not per REGISTER."""
+    return formatdate(second, usegmt=True)
 
 
 def _aor_of(req: Request) -> str | None:

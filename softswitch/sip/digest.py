@@ -15,6 +15,7 @@ import base64
 import hashlib
 import hmac
 import os
+import re
 import struct
 from collections import OrderedDict
 from collections.abc import Iterable
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 from enum import Enum, StrEnum
 
 from .errors import ParseError
-from .syntax import WS, quoted_end, split_outside, unquote
+from .syntax import WS, unquote
 
 
 class Algorithm(StrEnum):
@@ -56,25 +57,30 @@ class DigestResponse:
     opaque: str | None = None
 
 
+_TOKEN = r"[A-Za-z0-9_.!%*+`'~-]+"
+_VALUE = r'"(?:[^"\\]|\\.)*"|[^ \t,"]+'
+#: One `name=value` auth-param (RFC 7616 §3.4): a token, or a quoted-string with escapes.
+_AUTH_PARAM = re.compile(rf"({_TOKEN})[ \t]*=[ \t]*({_VALUE})")
+_ONE = rf"[ \t]*{_TOKEN}[ \t]*=[ \t]*(?:{_VALUE})[ \t]*"
+_AUTH_PARAMS = re.compile(rf"{_ONE}(?:,{_ONE})*,?[ \t]*")
+
+
 def parse_authorization(value: str) -> DigestResponse:
-    """Parse a Digest credentials header; a malformed one is a 400."""
+    """Parse a Digest credentials header; a malformed one is a 400.
+
+    Two regex passes in C (validate the whole list, then pick the pairs): this runs for every
+    authenticated request, and a per-character scan for quoted commas was a quarter of a
+    REGISTER's CPU time.
+    """
     scheme, _, rest = value.strip(WS).partition(" ")
     if scheme.lower() != "digest":
         raise ParseError(f"unsupported authorization scheme {scheme!r}")
-    params: dict[str, str] = {}
-    for part in split_outside(rest, ","):
-        name, eq, raw = part.partition("=")
-        name = name.strip(WS).lower()
-        raw = raw.strip(WS)
-        if not name or not eq:
-            if not part.strip(WS):
-                continue
-            raise ParseError(f"malformed digest parameter {part!r}")
-        if raw.startswith('"'):
-            if quoted_end(raw, 0) != len(raw):
-                raise ParseError(f"malformed digest parameter {part!r}")
-            raw = unquote(raw)
-        params[name] = raw
+    if not _AUTH_PARAMS.fullmatch(rest):
+        raise ParseError(f"malformed digest parameters: {rest[:40]!r}")
+    params = {
+        name.lower(): unquote(raw) if raw.startswith('"') else raw
+        for name, raw in _AUTH_PARAM.findall(rest)
+    }
     try:
         algorithm = Algorithm(params.get("algorithm", "MD5").upper())
         return DigestResponse(
