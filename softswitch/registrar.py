@@ -258,8 +258,7 @@ def _aor_of(req: Request) -> str | None:
 
 def _credentials(req: Request, realm: str) -> DigestResponse | None:
     """The Authorization header for our realm, if any (a phone may carry several)."""
-    values = [v for name, v in req.headers if name.lower() == "authorization"]
-    parsed = [parse_authorization(v) for v in values]
+    parsed = [parse_authorization(v) for v in req.headers.get_each("authorization")]
     return next((c for c in parsed if c.realm == realm), parsed[0] if parsed else None)
 
 
