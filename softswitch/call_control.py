@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 from urllib.parse import unquote
 
 import structlog
@@ -21,6 +22,7 @@ from dialplan.routing import lines_of, may_act_as
 from .call_setup import Admit, CallSetup, Feature, Refuse
 from .calls import B2BUA, Call, Leg, sip_user
 from .lines import CallState
+from .sca import Reject, Retrieve, private_hold_requested
 from .sip.errors import ParseError
 from .sip.headers import parse_name_addr
 from .sip.message import Request, Response
@@ -28,6 +30,9 @@ from .sip.transaction import Address, ClientTransaction, ServerTransaction
 from .sip.transaction_layer import TransactionLayer
 from .store import Store
 from .throttle import FailureThrottle
+
+if TYPE_CHECKING:
+    from .sca import ScaManager
 
 log = structlog.get_logger("softswitch.calls")
 
@@ -55,6 +60,9 @@ class CallControl:
         self.opted_out: set[tuple[str, str]] = set()
         self.dnd: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
+        #: Shared Call Appearance (set by the service): retrievals by INVITE, seized indices
+        #: of admitted calls, private holds asked for in a re-INVITE's Call-Info.
+        self.sca: ScaManager | None = None
 
     async def load_state(self) -> None:
         flags = await self.store.load_user_flags()
@@ -77,12 +85,19 @@ class CallControl:
             if req.method == "REFER":
                 self._on_refer(txn, req, source, leg)
                 return True
+            private = self._private_hold(req, leg)
+            if private:  # locked before the hold is published: never shown retrievable
+                leg.call.private = True
             self.b2bua.on_in_dialog(txn, req, leg)
+            if private and leg.call.held_by != leg.party:
+                leg.call.private = False  # no hold SDP after all: nothing to lock
             return True
         if req.method == "INVITE" and req.headers.get("replaces"):
             self._on_replaces(txn, req, source)
             return True
         if req.method == "INVITE":
+            if self.sca is not None and self._on_sca_invite(txn, req, source):
+                return True
             self._on_invite(txn, req, source)
             return True
         return False
@@ -123,6 +138,8 @@ class CallControl:
         self.respond(txn, req, resp, source, event=r.event, user=r.user)
 
     def _start(self, txn: ServerTransaction, req: Request, source: Address, a: Admit) -> None:
+        if self.sca is not None:
+            self.sca.on_call_admitted(req)  # dialled on a seized appearance: keep its index
         log.info(
             "call_admitted",
             call_id=req.call_id,
@@ -221,6 +238,58 @@ class CallControl:
             self.b2bua.pickup(call, txn, req, source, user)
         else:
             self.b2bua.retrieve(call, ref, txn, req, source, user)
+
+    def _private_hold(self, req: Request, leg: Leg) -> bool:
+        """A hold re-INVITE from an SCA phone asking `appearance-state=held-private`.
+
+        The call is marked private before the B2BUA handles the re-INVITE, so the hold it
+        publishes is already private: a public "held" shown for an instant would let another
+        phone's key offer the call. (`B2BUA.make_private`, the feature code's way, locks calls
+        already held, which would publish the hold twice.)"""
+        return (
+            self.sca is not None
+            and req.method == "INVITE"
+            and leg.party is not None
+            and private_hold_requested(req)
+        )
+
+    def _on_sca_invite(self, txn: ServerTransaction, req: Request, source: Address) -> bool:
+        """An SCA phone reaching for the call on one of its line's appearances (BroadWorks:
+        an INVITE to the line naming the held appearance's index); False for any other INVITE.
+
+        Same rules as `Replaces` and the feature codes: authenticated, a member with the pickup
+        permission, a private hold refused (`_take_over`).
+        """
+        assert self.sca is not None
+        if self.cfg.is_trusted(source.host):
+            return False
+        verdict = self.sca.on_invite(req)
+        if verdict is None:
+            return False
+        now = time.time()
+        user = self.setup.authenticate(req, now)
+        if isinstance(user, Refuse):
+            self._refuse(txn, req, source, user, now)
+            return True
+        call = self.b2bua.calls.get(verdict.call_id) if isinstance(verdict, Retrieve) else None
+        if call is not None and not call.ended:
+            self._take_over(txn, req, source, user, call)
+            return True
+        if not may_act_as(self.cfg, user, verdict.line, Permission.PICKUP):
+            status, reason = 403, "Forbidden"
+        elif isinstance(verdict, Reject):
+            status, reason = verdict.status, verdict.reason
+        else:
+            status, reason = 481, "Call Does Not Exist"
+        self.respond(
+            txn,
+            req,
+            req.make_response(status, reason, to_tag=_tag()),
+            source,
+            event="sca_take_over_refused",
+            user=user,
+        )
+        return True
 
     def _find_on_lines(self, user: str, line: str, states: tuple[CallState, ...]) -> Call | None:
         """The oldest call in `states` on `line` (or any line of `user` when empty)."""

@@ -210,6 +210,9 @@ class B2BUA:
         self._relayed: dict[ClientTransaction, Pending] = {}
         self._timers: list[tuple[float, int, Callable[[], None]]] = []
         self._seq = itertools.count()
+        #: Extra headers for one fork (set by the service): SCA's `Call-Info` with the
+        #: appearance index the call takes, for the phones of the line that show appearances.
+        self.fork_headers: Callable[[Call, ForkTarget], list[tuple[str, str]]] | None = None
 
     # --- timers (sans-I/O: the service calls handle_timer at get_timer()) -------------------
     def get_timer(self) -> float | None:
@@ -307,6 +310,9 @@ class B2BUA:
             headers.add("P-Asserted-Identity", pai)
         for name, value in (*target.headers, *call.extra_headers):
             headers.add(name, value)
+        if self.fork_headers is not None:
+            for name, value in self.fork_headers(call, target):
+                headers.add(name, value)
         headers.add("Allow", ALLOW)
         headers.add("Content-Type", "application/sdp")
         req = Request("INVITE", parse_uri(target.uri), headers, body)
@@ -522,7 +528,11 @@ class B2BUA:
             return
         if leg.dialog is not None and req.method in ("INVITE", "UPDATE"):
             leg.dialog.update_target(req)
-        extra = [(n, v) for n, v in req.headers if n.lower() in RELAYED_HEADERS]
+        extra = [
+            (n, v)
+            for n, v in req.headers
+            if n.lower() in RELAYED_HEADERS and not _is_appearance(n, v)
+        ]
         body = req.body
         if req.body and req.method in ("INVITE", "UPDATE"):
             body = self._rewrite_for(call, req.body, from_leg=leg, to_leg=other)
@@ -1150,6 +1160,11 @@ class B2BUA:
 
 def _bind(fn: Callable[..., None], *args: Any) -> Callable[[], None]:
     return lambda: fn(*args)
+
+
+def _is_appearance(name: str, value: str) -> bool:
+    """SCA's `Call-Info: ...;appearance-index=N` is about our line, not for the far end."""
+    return name.lower() == "call-info" and "appearance-" in value.lower()
 
 
 def _invite_of(leg: Leg) -> Request:

@@ -22,12 +22,13 @@ from media.relay import MediaManager
 
 from .call_control import CallControl
 from .call_setup import CallSetup
-from .calls import B2BUA
+from .calls import B2BUA, Call, ForkTarget
 from .directory import Directory
 from .http_api import HttpApi
 from .http_server import HttpServer, HttpServerError
-from .lines import LineBus
+from .lines import Direction, LineBus
 from .registrar import AuthResult, Bindings, Outcome, Registrar, RegistrarPolicy
+from .sca import ScaManager
 from .sip.digest import Algorithm, DigestAuthenticator
 from .sip.errorreply import error_response
 from .sip.errors import ParseError
@@ -53,7 +54,7 @@ log = structlog.get_logger("softswitch")
 
 ALLOW = "INVITE, ACK, CANCEL, BYE, OPTIONS, REGISTER, REFER, NOTIFY, SUBSCRIBE, UPDATE, INFO"
 SUPPORTED: frozenset[str] = frozenset()
-ALLOW_EVENTS = "dialog"
+ALLOW_EVENTS = "dialog, call-info, line-seize"
 HOUSEKEEPING_INTERVAL = 30.0
 
 
@@ -102,6 +103,20 @@ class Service:
             throttle=self.throttle,
         )
         self.bus.subscribe(self.subscriptions.on_line_event)
+        self.sca = ScaManager(
+            self.layer,
+            self._local_address,
+            self.registrar.auth,
+            self.registrar.directory,
+            cfg,
+            self.bus.model,
+            self._flush,
+            self._loop_time,
+            throttle=self.throttle,
+        )
+        self.bus.subscribe(self.sca.on_line_event)
+        self.calls.sca = self.sca
+        self.b2bua.fork_headers = self._fork_headers
         self.http_api = HttpApi(lambda: self.cfg, self.bus)
         self.http = HttpServer(self.http_api.handle)
         self._pumping = False
@@ -191,6 +206,7 @@ class Service:
         self.registrar = self._make_registrar(cfg, self.registrar.auth)
         self.calls.setup = self._make_setup(cfg)
         self.subscriptions.update(cfg, self.registrar.directory, self.registrar.auth)
+        self.sca.update(cfg, self.registrar.directory, self.registrar.auth)
         self.calls.cfg = cfg
         self.cfg = cfg
         log.info("config_reloaded", file=str(self.config_path), users=len(cfg.users))
@@ -210,6 +226,16 @@ class Service:
 
     def _make_setup(self, cfg: Config) -> CallSetup:
         return CallSetup(cfg, self.registrar.directory, self.registrar.auth, self.bindings)
+
+    def _fork_headers(self, call: Call, target: ForkTarget) -> list[tuple[str, str]]:
+        """`Call-Info: <sip:domain>;appearance-index=N` on the INVITE to an SCA phone of the
+        line that rings, so it alerts on key N like every other phone of the line. Phones
+        that do not watch call-info get nothing: the index means nothing to them."""
+        ref = next((r for r in call.lines if r.direction is Direction.INBOUND), None)
+        if ref is None or not self.sca.is_sca_phone(ref.line, target.dest):
+            return []
+        value = self.sca.appearance_header(ref.line, call.id)
+        return [("Call-Info", value)] if value else []
 
     def _local_address(self, transport: str) -> Address:
         """Our listening address for `transport`: what goes into Via and Contact."""
@@ -285,8 +311,11 @@ class Service:
         if isinstance(event, RequestReceived):
             self._on_request(event.txn, event.request, event.source)
         elif isinstance(event, ResponseReceived):
-            if not self.subscriptions.on_response(event.txn, event.response):
-                self.calls.on_response(event.txn, event.response)
+            txn, resp = event.txn, event.response
+            if not self.subscriptions.on_response(txn, resp) and not self.sca.on_response(
+                txn, resp
+            ):
+                self.calls.on_response(txn, resp)
         elif isinstance(event, AckReceived):
             self.calls.on_ack(event.request)
         elif isinstance(event, AckTimeout) and isinstance(event.txn, ServerTransaction):
@@ -295,13 +324,18 @@ class Service:
         elif (
             isinstance(event, TransactionTimeout) and isinstance(event.txn, ClientTransaction)
         ) or (isinstance(event, DeliveryFailed) and isinstance(event.txn, ClientTransaction)):
-            if not self.subscriptions.on_timeout(event.txn):
+            if not self.subscriptions.on_timeout(event.txn) and not self.sca.on_timeout(event.txn):
                 self.calls.on_timeout(event.txn)
         elif isinstance(event, StrayResponse):
             self.calls.on_stray(event.response)
 
     def _arm_timer(self) -> None:
-        pending = (self.layer.get_timer(), self.b2bua.get_timer(), self.subscriptions.get_timer())
+        pending = (
+            self.layer.get_timer(),
+            self.b2bua.get_timer(),
+            self.subscriptions.get_timer(),
+            self.sca.get_timer(),
+        )
         deadlines = [d for d in pending if d is not None]
         if not deadlines:
             return
@@ -320,6 +354,7 @@ class Service:
         self.layer.handle_timer(now)
         self.b2bua.handle_timer(now)
         self.subscriptions.handle_timer(now)
+        self.sca.handle_timer(now)
         self._pump()
 
     @staticmethod
@@ -331,6 +366,9 @@ class Service:
         early = self._precheck(req)
         if early is not None:
             self._respond(txn, req, early, source)
+            return
+        if req.method == "SUBSCRIBE" and self.sca.handles(req):  # call-info, line-seize
+            self.sca.on_subscribe(txn, req, source)
             return
         if req.method == "SUBSCRIBE" and (req.to.tag is None or self.subscriptions.find(req)):
             self.subscriptions.on_subscribe(txn, req, source)

@@ -100,14 +100,27 @@ class _Template:
     after_cseq: tuple[tuple[str, str, str], ...]
 
     @classmethod
-    def of(cls, dialog: Dialog, contact: str, event: str) -> _Template:
-        extra = [("Event", event), ("Content-Type", CONTENT_TYPE)]
+    def of(
+        cls, dialog: Dialog, contact: str, event: str, content_type: str | None = CONTENT_TYPE
+    ) -> _Template:
+        """`content_type=None`: NOTIFYs without a body (the SCA `call-info` package)."""
+        extra = [("Event", event)]
+        if content_type is not None:
+            extra.append(("Content-Type", content_type))
         probe = dialog.new_request("NOTIFY", "", contact, extra, cseq=0)
         items = [(header_key(name), name, value) for name, value in probe.headers]
         at = next(i for i, item in enumerate(items) if item[0] == "cseq")
         return cls(probe.uri, tuple(items[1:at]), tuple(items[at + 1 :]))
 
-    def request(self, via: Via, seq: int, state: str, body: bytes) -> Request:
+    def request(
+        self,
+        via: Via,
+        seq: int,
+        state: str,
+        body: bytes,
+        extra: tuple[tuple[str, str, str], ...] = (),
+    ) -> Request:
+        """`extra`: (key, name, value) entries that change per NOTIFY (SCA's `Call-Info`)."""
         headers = Headers(
             [
                 ("via", "Via", str(via)),
@@ -115,6 +128,7 @@ class _Template:
                 ("cseq", "CSeq", f"{seq} NOTIFY"),
                 *self.after_cseq,
                 ("subscription-state", "Subscription-State", state),
+                *extra,
             ]
         )
         # The layer reads back the top Via and the CSeq of what it sends: hand it the values
