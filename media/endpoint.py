@@ -127,7 +127,12 @@ class RtpSocket(asyncio.DatagramProtocol):
 
     def _latch(self, addr: Address) -> bool:
         """Slow path, a packet from a source other than the latched one: latch onto it or not."""
-        if self.source is None:
+        if self.source is None or addr == self.announced:
+            # The address the SDP announced always wins at once: after a transfer or a
+            # retrieve the phone that had the call may still send for a moment, and waiting
+            # `relatch_after` for it to fall silent would cost the new phone 2 s of audio.
+            if self.source is not None:
+                self.relatches += 1
             self.source = self.target = addr
             return True
         now = time.monotonic()

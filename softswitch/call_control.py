@@ -292,19 +292,30 @@ class CallControl:
         return True
 
     def _find_on_lines(self, user: str, line: str, states: tuple[CallState, ...]) -> Call | None:
-        """The oldest call in `states` on `line` (or any line of `user` when empty)."""
-        lines = [line] if line else list(lines_of(self.cfg, user))
+        """The call a `*8`/`*9` means: the oldest in `states` on `line`, else on `user`'s lines.
+
+        Calls the user may take come first; failing those, any matching call is returned, so
+        that `_take_over` answers 403 (not a member, or held privately) rather than "no call":
+        the caller learns why, as with Replaces.
+        """
         model = self.b2bua.bus.model
-        for candidate in lines:
+        mine = [line] if line else list(lines_of(self.cfg, user))
+        everywhere = [] if line else [ln for ln in model.busy_lines() if ln not in mine]
+        refused: Call | None = None
+        for candidate in (*mine, *everywhere):
             for lc in model.calls(candidate):
                 call = self.b2bua.calls.get(lc.call_id)
-                if lc.state in states and call is not None:
-                    if lc.state is CallState.HELD and call.private and call.held_by != user:
-                        continue
-                    if lc.party == user and lc.state is not CallState.HELD:
-                        continue  # your own active call is not something to pick up
+                if call is None or lc.state not in states:
+                    continue
+                if lc.party == user and lc.state is not CallState.HELD:
+                    continue  # your own active call is not something to pick up
+                allowed = candidate in mine and may_act_as(
+                    self.cfg, user, candidate, Permission.PICKUP
+                )
+                if allowed and not (call.private and call.held_by != user):
                     return call
-        return None
+                refused = refused or call
+        return refused
 
     # --- transfer (RFC 3515, executed here: the REFER never reaches the far end) ------------
     def _on_refer(self, txn: ServerTransaction, req: Request, source: Address, leg: Leg) -> None:

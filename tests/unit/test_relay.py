@@ -435,3 +435,30 @@ def test_close_releases_everything(run: Run) -> None:
 def test_manager_needs_an_address_phones_can_be_sent(address: str) -> None:
     with pytest.raises(ValueError):
         MediaManager(address, 30000, 30009)
+
+
+async def test_the_announced_address_takes_the_latch_back_at_once() -> None:
+    """After a transfer the old phone may keep sending; the new, announced one must win."""
+    import socket
+
+    from media.endpoint import RtpEndpoint
+
+    def pair() -> tuple[socket.socket, socket.socket]:
+        a = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        a.bind(("127.0.0.1", 0))
+        b = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        b.bind(("127.0.0.1", a.getsockname()[1] + 1))
+        return a, b
+
+    rtp, rtcp = pair()
+    ep = RtpEndpoint(rtp, rtcp, lambda e: None)
+    old, new = ("127.0.0.1", 40000), ("127.0.0.1", 40002)
+    ep.rtp.datagram_received(b"x", old)
+    assert ep.rtp.source == old
+    ep.set_remote(new)
+    ep.rtp.datagram_received(b"x", old)  # the old phone is latched again (it spoke first)...
+    ep.rtp.datagram_received(b"x", new)  # ...but the announced phone takes over immediately
+    assert ep.rtp.source == new and ep.rtp.target == new
+    ep.rtp.datagram_received(b"x", old)
+    assert ep.rtp.source == new  # and the old one cannot steal it back
+    ep.close()
