@@ -537,6 +537,12 @@ class B2BUA:
         ]
         body = req.body
         if req.body and req.method in ("INVITE", "UPDATE"):
+            if not _parses(req.body):
+                # Never forward SDP we cannot rewrite: it would take media around the relay.
+                resp = req.make_response(488, "Not Acceptable Here")
+                self.layer.send_response(txn, resp, self._now())
+                self.flush()
+                return
             body = self._rewrite_for(call, req.body, from_leg=leg, to_leg=other)
             extra = [(n, v) for n, v in extra if n.lower() != "content-type"]
             extra.append(("Content-Type", "application/sdp"))
@@ -1136,8 +1142,10 @@ class B2BUA:
         """SDP from `from_leg`'s phone, rewritten for `to_leg`'s phone."""
         try:
             desc = parse_sdp(body)
-        except SdpError:
-            return body
+        except SdpError as exc:
+            # Never pass a phone's own SDP to the other side: media would bypass the relay.
+            log.warning("sdp_unusable", call=call.id, party=from_leg.party, error=str(exc))
+            return b""
         self._remember(from_leg, desc)
         return rewrite(desc, self.media.address, self._ports(desc, to_leg.media), to_leg.origin)
 
@@ -1197,6 +1205,14 @@ def _bind(fn: Callable[..., None], *args: Any) -> Callable[[], None]:
 def _is_appearance(name: str, value: str) -> bool:
     """SCA's `Call-Info: ...;appearance-index=N` is about our line, not for the far end."""
     return name.lower() == "call-info" and "appearance-" in value.lower()
+
+
+def _parses(body: bytes) -> bool:
+    try:
+        parse_sdp(body)
+    except SdpError:
+        return False
+    return True
 
 
 def _invite_of(leg: Leg) -> Request:

@@ -534,3 +534,26 @@ async def test_attended_transfer_joins_the_two_far_ends() -> None:
     assert sorted(rig.media.released) == [30004, 30008]
     (call,) = rig.b2bua.calls.values()
     assert {call.a.dest, call.b.dest} == {CALLER, CALLER2}  # type: ignore[union-attr]
+
+
+async def test_unparseable_sdp_in_a_reinvite_is_refused_not_forwarded() -> None:
+    rig = Rig()
+    await rig.invite(1)
+    rig.answer(PHONES[0], 200, "t0", SDP)
+    (inv,) = rig.take(PHONES[0], "INVITE")
+    bad = b"v=0\r\nthis is not sdp\r\n"
+    raw = (
+        f"INVITE sip:127.0.0.1:5060 SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:{PHONES[0].port};"
+        f"branch=z9hG4bKbad1\r\nFrom: {inv.headers.get('to')};tag=t0\r\n"
+        f"To: {inv.headers.get('from')}\r\nCall-ID: {inv.call_id}\r\nCSeq: 2 INVITE\r\n"
+        f"Contact: <sip:x@127.0.0.1:{PHONES[0].port}>\r\nMax-Forwards: 70\r\n"
+        f"Content-Type: application/sdp\r\nContent-Length: {len(bad)}\r\n\r\n"
+    ).encode() + bad
+    rig.layer.receive(parse_message(raw), PHONES[0], rig.now)
+    ev = rig.layer.next_event()
+    assert isinstance(ev, RequestReceived)
+    leg = rig.b2bua.find_leg(ev.request)
+    assert leg is not None
+    rig.b2bua.on_in_dialog(ev.txn, ev.request, leg)
+    assert len(rig.take(PHONES[0], "488")) == 1
+    assert rig.take(CALLER, "INVITE") == []  # nothing reached the caller
