@@ -168,6 +168,8 @@ class Call:
     extra_headers: list[tuple[str, str]] = field(default_factory=list)  # e.g. Referred-By
     bye_from: Leg | None = None  # the leg whose phone hung up
     ids: set[str] = field(default_factory=set)  # its entries in B2BUA._call_ids
+    fork_origin: OriginState = field(default_factory=OriginState)  # o= towards every fork
+    fork_body: bytes | None = None  # the offer every fork gets, rendered once
     transfer: Transfer | None = None  # set while this call rings a blind-transfer target
     held_by: str | None = None  # the party whose phone holds the call
     private: bool = False  # held privately: only `held_by` may retrieve it
@@ -295,13 +297,26 @@ class B2BUA:
         if call.ended or call.b is not None:
             return
         assert call.offer is not None
+        # Every fork carries the same offer towards the same endpoint: render it once per
+        # call, with one o= line state shared by the forks (the winner keeps it).
+        if call.fork_body is None:
+            call.fork_body = rewrite(
+                call.offer,
+                self.media.address,
+                self._ports(call.offer, call.b_media),
+                call.fork_origin,
+            )
         leg = Leg(
-            call, target.party, target.dest, None, local_tag=call.b_from_tag, media=call.b_media
+            call,
+            target.party,
+            target.dest,
+            None,
+            local_tag=call.b_from_tag,
+            media=call.b_media,
+            origin=call.fork_origin,
         )
         leg.identity = target.party
-        body = rewrite(
-            call.offer, self.media.address, self._ports(call.offer, call.b_media), leg.origin
-        )
+        body = call.fork_body
         headers = Headers()
         headers.add("Via", self._via(target.dest))
         headers.add("Max-Forwards", "70")
@@ -330,7 +345,8 @@ class B2BUA:
             party=target.party,
             dest=f"{target.dest.transport}:{target.dest.host}:{target.dest.port}",
         )
-        self.flush()
+        # No flush here: start_call flushes once after the whole fork set, and a delayed
+        # fork runs from the timer, whose caller pumps the layer.
 
     # --- responses on our client transactions -----------------------------------------------
     def on_response(self, txn: ClientTransaction, resp: Response) -> bool:
