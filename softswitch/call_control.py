@@ -206,25 +206,11 @@ class CallControl:
             (r for r in call.lines if may_act_as(self.cfg, user, r.line, Permission.PICKUP)), None
         )
         if ref is None:
-            log.warning("pickup_refused", user=user, call=call.id, reason="not a party")
-            self.respond(
-                txn,
-                req,
-                req.make_response(403, "Forbidden", to_tag=_tag()),
-                source,
-                event="pickup_refused",
-                user=user,
-            )
+            self._refuse_take_over(txn, req, source, user, call, "Forbidden", "not a party")
             return
         if call.private and call.held_by != user:
-            log.warning("pickup_refused", user=user, call=call.id, reason="private hold")
-            self.respond(
-                txn,
-                req,
-                req.make_response(403, "Call Is Private", to_tag=_tag()),
-                source,
-                event="pickup_refused_private",
-                user=user,
+            self._refuse_take_over(
+                txn, req, source, user, call, "Call Is Private", "private hold", private=True
             )
             return
         log.info(
@@ -290,6 +276,23 @@ class CallControl:
             user=user,
         )
         return True
+
+    def _refuse_take_over(
+        self,
+        txn: ServerTransaction,
+        req: Request,
+        source: Address,
+        user: str,
+        call: Call,
+        reason: str,
+        why: str,
+        private: bool = False,
+    ) -> None:
+        """403 for a pickup or retrieve `user` may not do; logged with the reason."""
+        log.warning("pickup_refused", user=user, call=call.id, reason=why)
+        resp = req.make_response(403, reason, to_tag=_tag())
+        event = "pickup_refused_private" if private else "pickup_refused"
+        self.respond(txn, req, resp, source, event=event, user=user)
 
     def _find_on_lines(self, user: str, line: str, states: tuple[CallState, ...]) -> Call | None:
         """The call a `*8`/`*9` means: the oldest in `states` on `line`, else on `user`'s lines.
