@@ -101,7 +101,7 @@ case " $VARIANTS " in *" kamailio "*)
 [ -x "$PYTHON" ] || command -v "$PYTHON" >/dev/null || die "no interpreter at $PYTHON (scripts/setup.sh, or set PYTHON)"
 for port in "$SS_PORT" "$KAM_PORT" "$SIPP_PORT" "$SS_HTTP_PORT"; do
   if ss -Hlun "sport = :$port" | grep -q . || ss -Hltn "sport = :$port" | grep -q .; then
-    die "port $port is in use (set SS_PORT/KAM_PORT/SIPP_PORT)"
+    die "port $port is in use (set SS_PORT/KAM_PORT/SIPP_PORT/SS_HTTP_PORT)"
   fi
 done
 HAVE_PERF=0
@@ -139,7 +139,7 @@ start_softswitch() {   # LEVEL
   python3 "$HERE/mkusers.py" --csv "$OUT/users.csv" --config "$cfg" --count "$USERS" \
     --port "$SS_PORT" --http "$SS_HTTP_PORT" --data-dir "$DATA" --log-level "$1"
   local t0=$SECONDS
-  # = `python -m softswitch run --config CFG`, plus a memory probe thread (tracemalloc on demand)
+  # = `python -m softswitch run --config CFG`, plus a thread that takes a heap census on demand
   nice -n "$NICE" "$PYTHON" "$HERE/bench_util.py" serve "$OUT/probe" -- run --config "$cfg" \
     > "$OUT/softswitch-$1.stdout" 2> "$OUT/softswitch-$1.log" < /dev/null &
   SPID=$!; SERVER=softswitch
