@@ -28,9 +28,10 @@ from .harness.service import (
     BOB,
     CAROL,
     ServiceConfig,
-    ServiceError,
     SoftswitchService,
     User,
+    start_fresh,
+    stop_all,
 )
 from .harness.sipclient import Registrar, SipClient
 from .harness.sipp import sipp_binary
@@ -135,36 +136,25 @@ def service_factory(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[
     ) -> SoftswitchService:
         name = name or f"softswitch{len(services) + 1}"
         workdir = tmp_path / name
-        config = ServiceConfig.allocate(workdir / "data", users, auth=auth)
-        svc = SoftswitchService(config, workdir, name)
-        services.append(svc)
-        attach_diagnostics(request.node, svc.log_tail)
-        for attempt in range(3):
-            if not start:
-                break
-            try:
-                svc.start(ready_timeout)
-                break
-            except ServiceError:
-                if attempt == 2 or not svc.failed_on_port_clash():
-                    raise
-                # someone took a port between free_port() and the service's bind: new ports
-                svc.config = ServiceConfig.allocate(workdir / "data", users, auth=auth)
-        return svc
+
+        def config() -> ServiceConfig:
+            return ServiceConfig.allocate(workdir / "data", users, auth=auth)
+
+        def register(svc: SoftswitchService) -> None:
+            services.append(svc)
+            attach_diagnostics(request.node, svc.log_tail)
+
+        if not start:
+            svc = SoftswitchService(config(), workdir, name)
+            register(svc)
+            return svc
+        return start_fresh(config, workdir, name, register, ready_timeout)
 
     yield make
 
-    died = [(s, s.died_unexpectedly()) for s in services]
-    for svc in services:
-        svc.cleanup()
-    crashed = [(s, code) for s, code in died if code is not None]
+    crashed = stop_all(services)
     if crashed:
-        pytest.fail(
-            "\n".join(
-                f"{s.name} died during the test (exit code {code})\n{s.log_tail()}"
-                for s, code in crashed
-            )
-        )
+        pytest.fail("\n".join(crashed))
 
 
 @pytest.fixture

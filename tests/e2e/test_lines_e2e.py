@@ -50,7 +50,13 @@ from .harness.linphone import (
 )
 from .harness.ports import LOOPBACK, free_udp_range
 from .harness.rawphone import RawPhone, sdp_audio_addr
-from .harness.service import ServiceConfig, ServiceError, SoftswitchService, User
+from .harness.service import (
+    ServiceConfig,
+    SoftswitchService,
+    User,
+    start_fresh,
+    stop_all,
+)
 from .harness.sipclient import SipMessage
 from .harness.sipp import SippProcess, start_sipp
 
@@ -114,23 +120,14 @@ def switch(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[MakeServi
             cfg.media_ports = free_udp_range(MEDIA_PORTS, *RTP_WINDOW, probe_all=True)
             return cfg
 
-        svc = SoftswitchService(config(), workdir, name)
-        services.append(svc)
-        attach_diagnostics(request.node, svc.log_tail)
-        for attempt in range(3):
-            try:
-                return svc.start()
-            except ServiceError:
-                if attempt == 2 or not svc.failed_on_port_clash():
-                    raise
-                svc.config = config()
-        return svc
+        def register(svc: SoftswitchService) -> None:
+            services.append(svc)
+            attach_diagnostics(request.node, svc.log_tail)
+
+        return start_fresh(config, workdir, name, register)
 
     yield make
-    died = [(s, s.died_unexpectedly()) for s in services]
-    for svc in services:
-        svc.cleanup()
-    crashed = [f"{s.name} died (exit {code})\n{s.log_tail()}" for s, code in died if code]
+    crashed = stop_all(services)
     if crashed:
         pytest.fail("\n".join(crashed))
 

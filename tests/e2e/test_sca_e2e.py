@@ -27,7 +27,13 @@ import pytest
 
 from .conftest import attach_diagnostics
 from .harness.ports import LOOPBACK, free_udp_range
-from .harness.service import ServiceConfig, ServiceError, SoftswitchService, User
+from .harness.service import (
+    ServiceConfig,
+    SoftswitchService,
+    User,
+    start_fresh,
+    stop_all,
+)
 from .harness.sipclient import SipMessage
 from .harness.sipp import SippProcess, read_message_trace, register_sipp, start_sipp
 
@@ -143,21 +149,16 @@ def sca_service(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Soft
         cfg.media_ports = free_udp_range(100, probe_all=True)  # calls really bind them
         return cfg
 
-    svc = SoftswitchService(config(), workdir, "softswitch")
-    attach_diagnostics(request.node, svc.log_tail)
-    for attempt in range(3):
-        try:
-            svc.start()
-            break
-        except ServiceError:
-            if attempt == 2 or not svc.failed_on_port_clash():
-                raise
-            svc.config = config()
-    yield svc
-    code = svc.died_unexpectedly()
-    svc.cleanup()
-    if code:
-        pytest.fail(f"the service died (exit {code})\n{svc.log_tail()}")
+    services: list[SoftswitchService] = []
+
+    def register(svc: SoftswitchService) -> None:
+        services.append(svc)
+        attach_diagnostics(request.node, svc.log_tail)
+
+    yield start_fresh(config, workdir, "softswitch", register)
+    crashed = stop_all(services)
+    if crashed:
+        pytest.fail("\n".join(crashed))
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -347,3 +347,40 @@ class SoftswitchService:
         text = tail(self.stderr_path, 200)
         text = text.rsplit("----- harness: start #", 1)[-1]
         return bool(_PORT_CLASH.search(text))
+
+
+def start_fresh(
+    make_config: Callable[[], ServiceConfig],
+    workdir: Path,
+    name: str,
+    register: Callable[[SoftswitchService], None],
+    ready_timeout: float = 10.0,
+) -> SoftswitchService:
+    """Start a service; if another process took one of its ports between allocation and bind,
+    retry (up to three times) with a new config from `make_config`.
+
+    `register` sees the service before it starts (fixtures record it for `stop_all` and attach
+    its log to the failure report), so a start that fails still leaves its log and is stopped.
+    """
+    svc = SoftswitchService(make_config(), workdir, name)
+    register(svc)
+    for attempt in range(3):
+        try:
+            return svc.start(ready_timeout)
+        except ServiceError:
+            if attempt == 2 or not svc.failed_on_port_clash():
+                raise
+            svc.config = make_config()
+    return svc
+
+
+def stop_all(services: Sequence[SoftswitchService]) -> list[str]:
+    """Stop every service; one message per service that died during the test (else none)."""
+    died = [(s, s.died_unexpectedly()) for s in services]
+    for svc in services:
+        svc.cleanup()
+    return [
+        f"{s.name} died during the test (exit code {code})\n{s.log_tail()}"
+        for s, code in died
+        if code is not None
+    ]
