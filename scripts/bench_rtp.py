@@ -1,17 +1,22 @@
 """RTP relay benchmark on 127.0.0.1: how many G.711 calls can one relay process carry?
 
-The relay (media.MediaManager, one process) bridges N calls; this process plays 2N phones:
+The relay (media.MediaManager, one process) bridges N calls; a load generator plays 2N phones:
 each sends 50 packets/s of 172 bytes (G.711, 20 ms) to its relay port and counts what the relay
 delivers from the other side. Sends are spread evenly over each 20 ms period, like real phones.
-Everything is bounded: N calls, T seconds, then a drain of at most 10 s.
+The generator is scripts/rtpgen.c (built with gcc into a temporary directory at each run, so that
+it costs the relay's core little: sendmmsg/recvmmsg, ~2 us a packet) or, with --generator python,
+this process (which tops out around 70k packets/s, below 1,000 calls). Both count alike.
+Everything is bounded: N <= 10,000 calls, T <= 170 s, then a drain of at most 10 s; only
+127.0.0.1 is bound or sent to.
 
 Reported per run: offered and relayed packets/s, loss (never delivered) and late packets
 (delivered more than 100 ms after they were sent: a jitter buffer would discard them), the
-relay's CPU time per relayed packet (utime and stime from /proc/<pid>/stat over the load window)
-and what that projects to per core, the CPU other processes used meanwhile (the machine may be
-shared), and memory per call (tracemalloc and RSS growth while allocating and bridging N calls).
-Kernel receive-buffer drops on either side are read from /proc/net/udp. On a shared machine,
-use --quiet and read the other% column: a busy neighbour shows up as late packets.
+relay's CPU time per relayed packet (utime + stime from /proc/<pid>/stat over the load window
+and the drain after it) and what that projects to per core, the generator's and other processes'
+CPU meanwhile (the machine may be shared), and memory per call (tracemalloc and RSS growth while
+allocating and bridging N calls). Kernel receive-buffer drops on either side are read from
+/proc/net/udp. On a shared machine, use --quiet and read the other% column: a busy neighbour
+shows up as late packets.
 
 On loopback the sender's sendto also runs the receive path into the destination socket, so the
 relay pays for delivering to the phones as well: more kernel time than it would spend on a NIC.
@@ -19,6 +24,7 @@ relay pays for delivering to the phones as well: more kernel time than it would 
     python scripts/bench_rtp.py                      # 100 250 500 1000 calls, uvloop and asyncio
     python scripts/bench_rtp.py --calls 500 --loop uvloop --seconds 5
     python scripts/bench_rtp.py --calls 500 --py-spy /tmp/relay.txt   # profile the relay too
+    python scripts/bench_rtp.py --generator python   # the former in-process generator
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 import tracemalloc
 from collections.abc import Iterator
@@ -40,13 +47,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-try:
-    from media import MediaManager
-except ImportError:  # run from a checkout without installing it
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from media import MediaManager
-
+# Measure the relay of this checkout, not whatever an (editable, possibly stale) install
+# of the package resolves `media` to.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from aiortc.rtp import RtpPacket
+
+from media import MediaManager
 
 HOST = "127.0.0.1"
 PPS_PER_STREAM = 50
@@ -131,27 +137,34 @@ def _reply(obj: dict[str, Any]) -> None:
 class Result:
     loop: str
     calls: int
-    seconds: float
+    seconds: float  # the load window
+    cpu_seconds: float  # the load window and the drain after it, over which CPU is counted
     sent: int
     received: int
     late: int  # received more than LATE seconds after sending
     max_delay: float
+    p99: float | None  # 99th percentile of the delay (the C generator measures it)
+    lag: float  # how far behind its schedule the generator fell, at worst
     relay_rx: int  # packets the relay received from the phones
-    relay_cpu: tuple[float, float]  # user, system seconds over the load window
+    relay_cpu: tuple[float, float]  # user, system seconds over cpu_seconds
+    gen_cpu: float  # CPU seconds of the generator over cpu_seconds
     others: float  # CPU seconds used by other processes on the machine meanwhile
     memory: dict[str, float]
     notes: list[str]
 
     def row(self) -> str:
-        sent, secs = max(1, self.sent), self.seconds
+        sent, secs, cpu_secs = max(1, self.sent), self.seconds, self.cpu_seconds
         user, system = (1e6 * t / max(1, self.received) for t in self.relay_cpu)
         per_pkt = user + system
+        p99 = "-" if self.p99 is None else f"{1000 * self.p99:.1f}"
         cells = (
             f"{self.loop:8} {self.calls:6} {self.sent / secs:8.0f} {self.received / secs:8.0f}",
             f"{100 * (self.sent - self.received) / sent:7.3f} {100 * self.late / sent:6.2f}",
-            f"{1000 * self.max_delay:6.0f} {per_pkt:6.2f} {user:5.2f} {system:5.2f}",
-            f"{100 * sum(self.relay_cpu) / secs:5.1f} {1e6 / max(0.01, per_pkt):7.0f}",
-            f"{100 * self.others / secs:6.0f} {self.memory['traced_per_call'] / 1024:7.2f}",
+            f"{p99:>6} {1000 * self.max_delay:6.0f} {1000 * self.lag:6.1f}",
+            f"{per_pkt:6.2f} {user:5.2f} {system:5.2f}",
+            f"{100 * sum(self.relay_cpu) / cpu_secs:5.1f} {1e6 / max(0.01, per_pkt):7.0f}",
+            f"{100 * self.gen_cpu / cpu_secs:5.0f} {100 * self.others / cpu_secs:6.0f}",
+            f"{self.memory['traced_per_call'] / 1024:7.2f}",
             f"{self.memory['rss_per_call'] / 1024:6.1f}",
         )
         notes = f"  ({', '.join(self.notes)})" if self.notes else ""
@@ -160,20 +173,35 @@ class Result:
 
 HEADER = (
     f"{'loop':8} {'calls':>6} {'offer/s':>8} {'relay/s':>8} {'loss %':>7} {'late %':>6} "
-    f"{'max ms':>6} {'us/pkt':>6} {'user':>5} {'sys':>5} {'cpu %':>5} {'pkt/s/c':>7} "
-    f"{'other%':>6} {'KB/call':>7} {'RSS KB':>6}"
+    f"{'p99 ms':>6} {'max ms':>6} {'lag ms':>6} {'us/pkt':>6} {'user':>5} {'sys':>5} "
+    f"{'cpu %':>5} {'pkt/s/c':>7} {'gen %':>5} {'other%':>6} {'KB/call':>7} {'RSS KB':>6}"
 )
 LEGEND = f"""\
 offer/s, relay/s: packets/s the phones sent, and the relay delivered back to them
 loss %: never delivered; late %: delivered > {LATE * 1000:.0f} ms after sending (relay backlog, or
-  either process waiting for a CPU: the generator's own lag counts too); max ms: worst delay
+  either process waiting for a CPU: the generator's own lag counts too); p99 ms, max ms: delay
+  of the 99th percentile (C generator only) and the worst; lag ms: how far behind its schedule
+  the generator fell (offer/s below 50 per phone means it could not keep up)
 us/pkt = user + sys: relay CPU time per relayed packet; pkt/s/c = 1e6 / us/pkt, per core
-cpu %: relay process load; other%: CPU other processes used meanwhile (100 = one core)
+cpu %, gen %: relay and generator load; other%: CPU other processes used meanwhile (100 = 1 core)
+  (all CPU figures cover the load and the drain of what was still in flight after it)
 KB/call: tracemalloc per call (2 endpoints, 4 sockets, 1 bridge); RSS KB: RSS growth per call"""
 
 
+@dataclass
+class Arrivals:
+    """What the phones received: counted per packet by either generator."""
+
+    received: int
+    bad: int  # not 172 bytes long
+    late: int  # received more than LATE seconds after sending
+    max_delay: float
+    p99: float | None
+
+
 class Phones:
-    """2N simulated phones sending from and receiving on a few UDP sockets (phone i: i % K).
+    """The Python generator (--generator python): 2N simulated phones sending from and
+    receiving on a few UDP sockets (phone i: i % K).
 
     The relay's endpoints do not care that several of them send to one address, and K sockets
     instead of 2N keep this generator cheap enough to share two cores with the relay. Each
@@ -207,23 +235,32 @@ class Phones:
     def _template(i: int) -> bytearray:
         return bytearray(RtpPacket(0, False, 0, 0, 0x10000 + i, b"\xff" * PAYLOAD).serialize())
 
-    def run(self, relay_ports: list[int], seconds: float) -> int:
-        """Send 50 packets/s per phone for `seconds`, receiving meanwhile; return packets sent.
+    def run(self, relay_ports: list[int], seconds: float) -> tuple[int, float]:
+        """Send 50 packets/s per phone for `seconds`, receiving meanwhile.
 
         If the generator falls behind (CPU), it sends late rather than skipping: every packet
-        of the schedule is sent, and offered packets/s comes out lower than nominal.
+        of the schedule is sent, and offered packets/s comes out lower than nominal. Returns
+        the packets sent and how far behind the schedule it fell at worst (seconds).
         """
         targets = [(HOST, p) for p in relay_ports]
         per_slot = -(-self.streams // SLOTS)
         period = 1.0 / PPS_PER_STREAM
         sent = seq = 0
+        lag = 0.0
         start = time.monotonic()
         while (tick := start + seq * period) < start + seconds:
             for slot in range(SLOTS):
-                self.drain_until(tick + slot * period / SLOTS)
+                due = tick + slot * period / SLOTS
+                self.drain_until(due)
+                lag = max(lag, time.monotonic() - due)
                 sent += self._send(slot * per_slot, (slot + 1) * per_slot, targets, seq)
             seq += 1
-        return sent
+        return sent, lag
+
+    def finish(self, relay: Relay, sent: int, rx0: int) -> Arrivals:
+        """Wait for the packets still in flight, then count what arrived."""
+        settle(self, relay, sent, rx0, 0)
+        return Arrivals(self.received, self.bad, self.late, self.max_delay, None)
 
     def _send(self, first: int, stop: int, targets: list[tuple[str, int]], seq: int) -> int:
         sendto, packets, pack_into = self._sendto, self.packets, STAMP.pack_into
@@ -256,9 +293,10 @@ class Phones:
                     received += 1
                     bad += n != PAYLOAD + 12
                     delay = now - unpack_from(buf, 2)[3]
+                    if delay > max_delay:
+                        max_delay = delay
                     if delay > LATE:
                         late += 1
-                        max_delay = max(max_delay, delay)
             if time.monotonic() >= due:
                 break
         self.received += received
@@ -266,9 +304,77 @@ class Phones:
         self.late += late
         self.max_delay = max_delay
 
+    @property
+    def pid(self) -> int:
+        return os.getpid()
+
     def close(self) -> None:
         for s in self.socks:
             s.close()
+
+
+class CPhones:
+    """The C generator (scripts/rtpgen.c, --generator c): the same phones and the same counting,
+    with sendmmsg/recvmmsg, in its own process, so that it leaves the relay a core of its own.
+    """
+
+    def __init__(self, binary: str, calls: int, sockets: int, pin: bool) -> None:
+        cmd = [binary, "--calls", str(calls), "--sockets", str(sockets), "--late-ms"]
+        self._cmd = [*cmd, str(LATE * 1000)]
+        self.streams = 2 * calls
+        self.proc: subprocess.Popen[str] | None = None
+        self._pin = pin
+
+    def start(self, seconds: float) -> None:
+        cmd = [*self._cmd, "--seconds", str(seconds)]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        if self._pin:
+            os.sched_setaffinity(self.proc.pid, {1})
+        socks = self._read(10)["ports"]
+        self.ports = [socks[i % len(socks)] for i in range(self.streams)]
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def _read(self, timeout: float) -> dict[str, Any]:
+        assert self.proc is not None and self.proc.stdout is not None
+        poll = select.poll()
+        poll.register(self.proc.stdout, select.POLLIN)
+        if not poll.poll(timeout * 1000):
+            raise TimeoutError("rtpgen did not answer")
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"rtpgen exited with {self.proc.wait(5)}")
+        answer: dict[str, Any] = json.loads(line)
+        return answer
+
+    def run(self, relay_ports: list[int], seconds: float) -> tuple[int, float]:
+        assert self.proc is not None and self.proc.stdin is not None
+        self.proc.stdin.write(" ".join(map(str, relay_ports)) + "\n")
+        self.proc.stdin.flush()
+        done = self._read(seconds + 30)
+        return int(done["sent"]), float(done["max_lag"])
+
+    def finish(self, relay: Relay, sent: int, rx0: int) -> Arrivals:
+        """rtpgen drains by itself (until all arrived, 1 s of silence, or 10 s)."""
+        r = self._read(15)
+        return Arrivals(r["received"], r["bad"], r["late"], r["max_delay"], r["p99"])
+
+    def close(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+        if self.proc is not None:
+            self.proc.wait(5)
+
+
+def build_rtpgen(directory: str) -> str:
+    """Compile scripts/rtpgen.c into `directory` (a temporary one: no binary in the tree)."""
+    binary = str(Path(directory) / "rtpgen")
+    source = str(Path(__file__).with_name("rtpgen.c"))
+    subprocess.run(["gcc", "-O2", "-Wall", "-o", binary, source], check=True)
+    return binary
 
 
 def _proc_cpu(pid: int) -> tuple[float, float]:
@@ -351,7 +457,13 @@ def settle(phones: Phones, relay: Relay, sent: int, rx0: int, received0: int) ->
 
 
 def run_one(args: argparse.Namespace, loop: str, calls: int) -> Result:
-    phones, relay = Phones(calls, args.sockets), Relay(args, loop)
+    phones: Phones | CPhones
+    if args.rtpgen:
+        phones = CPhones(args.rtpgen, calls, args.sockets, args.pin)
+        phones.start(args.seconds)
+    else:
+        phones = Phones(calls, args.sockets)
+    relay = Relay(args, loop)
     spy: subprocess.Popen[bytes] | None = None
     try:
         pairs = [[phones.ports[2 * i], phones.ports[2 * i + 1]] for i in range(calls)]
@@ -363,29 +475,46 @@ def run_one(args: argparse.Namespace, loop: str, calls: int) -> Result:
                  "-d", str(int(args.seconds)), "-p", str(relay.pid)]
             )  # fmt: skip
         drops0 = _udp_drops(set(relay_ports)), _udp_drops(set(phones.ports))
-        rx0, received0 = relay.rx(), phones.received
-        cpu0, busy0, own0, t0 = _proc_cpu(relay.pid), _machine_busy(), _own(), time.monotonic()
-        sent = phones.run(relay_ports, args.seconds)
-        cpu1, busy1, own1, t1 = _proc_cpu(relay.pid), _machine_busy(), _own(), time.monotonic()
-        settle(phones, relay, sent, rx0, received0)
+        rx0 = relay.rx()
+        cpu0, gen0, busy0, own0 = (
+            _proc_cpu(relay.pid),
+            _proc_cpu(phones.pid),
+            _machine_busy(),
+            _own(),
+        )
+        t0 = time.monotonic()
+        sent, lag = phones.run(relay_ports, args.seconds)
+        t1 = time.monotonic()
+        got = phones.finish(relay, sent, rx0)
+        # CPU up to the end of the drain: a relay that fell behind relays its backlog after
+        # the load window, and that work belongs to the packets too.
+        cpu1, gen1, busy1, own1 = (
+            _proc_cpu(relay.pid),
+            _proc_cpu(phones.pid),
+            _machine_busy(),
+            _own(),
+        )
+        t2 = time.monotonic()
         relay_rx = relay.rx() - rx0
         drops = _udp_drops(set(relay_ports)) - drops0[0], _udp_drops(set(phones.ports)) - drops0[1]
         relay.stop()
         if spy is not None:
             spy.wait(args.seconds + 30)
         relay_cpu = (cpu1[0] - cpu0[0], cpu1[1] - cpu0[1])
-        others = max(0.0, busy1 - busy0 - sum(relay_cpu) - (own1 - own0))
+        gen_cpu = sum(gen1) - sum(gen0)
+        if isinstance(phones, CPhones):  # this process, mostly waiting for rtpgen, counts too
+            gen_cpu += own1 - own0
+        others = max(0.0, busy1 - busy0 - sum(relay_cpu) - gen_cpu)
         counts = (
-            (phones.bad, "bad packets"),
+            (got.bad, "bad packets"),
             (sent - relay_rx, "never reached the relay"),
             (drops[0], "relay rcvbuf drops"),
             (drops[1], "phone rcvbuf drops"),
         )
         notes = [f"{n} {what}" for n, what in counts if n]
-        received = phones.received - received0
         return Result(
-            loop, calls, t1 - t0, sent, received, phones.late, phones.max_delay, relay_rx,
-            relay_cpu, others, setup["memory"], notes,
+            loop, calls, t1 - t0, t2 - t0, sent, got.received, got.late, got.max_delay, got.p99,
+            lag, relay_rx, relay_cpu, gen_cpu, others, setup["memory"], notes,
         )  # fmt: skip
     finally:
         phones.close()
@@ -441,7 +570,11 @@ def main() -> None:
     parser.add_argument(
         "--calls", type=_ints, default=[100, 250, 500, 1000], help="e.g. 100,250,500"
     )
-    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--seconds", type=float, default=10.0, help="per run, at most 170")
+    parser.add_argument(
+        "--generator", choices=["c", "python"], default="c",
+        help="c: scripts/rtpgen.c, built with gcc at run time (default); python: in-process",
+    )  # fmt: skip
     parser.add_argument("--loop", choices=["uvloop", "asyncio", "both"], default="both")
     parser.add_argument("--ports", default="22000-29999", help="relay port range (4 per call)")
     parser.add_argument("--sockets", type=int, default=16, help="generator sockets (default 16)")
@@ -460,10 +593,21 @@ def main() -> None:
         return
     if max(args.calls) * 4 > high - low + 1:
         parser.error(f"--ports {args.ports} is too small for {max(args.calls)} calls")
+    if not 0 < args.seconds <= 170 or max(args.calls) > 10_000:
+        parser.error("at most 170 s per run and 10,000 calls")
     if args.pin:
         os.sched_setaffinity(0, {1})
+    with tempfile.TemporaryDirectory(prefix="bench_rtp.") as tmp:
+        args.rtpgen = build_rtpgen(tmp) if args.generator == "c" else None
+        bench(args)
+
+
+def bench(args: argparse.Namespace) -> None:
     pinning = "relay on CPU 0, generator on CPU 1" if args.pin else "not pinned"
-    print(f"{os.cpu_count()} CPUs, {pinning}, {args.seconds:g} s per run, G.711 50 pps/stream")
+    print(
+        f"{os.cpu_count()} CPUs, {pinning}, {args.seconds:g} s per run, G.711 50 pps/stream, "
+        f"{args.generator} generator with {args.sockets} sockets"
+    )
     print(LEGEND)
     print(HEADER, flush=True)
     for loop, calls in _runs(args):
