@@ -1,12 +1,10 @@
-"""A fast YAML reader for configs that are plain data, without line numbers.
+"""A fast YAML reader for configs that are plain data.
 
 Why: ruamel's round-trip loader is pure Python and takes about 0.7 ms per
 user line (7 s for 10,000 users), nearly all of it in its scanner and parser.
 libyaml, PyYAML's C extension, composes the same text some twenty times
-faster. Line numbers are only needed when something is wrong, so the loader
-reads with this module first and validates the result; a config with any
-problem is read again with the round-trip loader, which reports it exactly
-as before (docs/decisions.md D12).
+faster, and its nodes carry marks from which :meth:`Document.line_of` finds
+the same lines ruamel's tree gives (docs/decisions.md D12).
 
 The result must equal what the round-trip loader gives after
 ``loader._to_plain``, in value *and* type, or the two readers could accept
@@ -21,6 +19,8 @@ breaks only YAML 1.1 knows.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from ruamel.yaml.resolver import VersionedResolver
@@ -33,7 +33,7 @@ except ImportError:  # pragma: no cover - depends on the install
     _CParser = None
     _PyYAMLError = Exception
 
-__all__ = ["AVAILABLE", "Unsupported", "read_plain"]
+__all__ = ["AVAILABLE", "Document", "Unsupported", "read", "read_plain"]
 
 #: Whether libyaml is importable; tests skip the fast-path checks without it.
 AVAILABLE = _CParser is not None
@@ -83,7 +83,12 @@ if _CParser is not None:
 
 
 def read_plain(text: str) -> Any:
-    """``text`` as plain dicts, lists, str, int, bool and None.
+    """``text`` as plain dicts, lists, str, int, bool and None; see :func:`read`."""
+    return read(text).data
+
+
+def read(text: str) -> Document:
+    """Read ``text`` into plain data that still knows its lines.
 
     Raises :class:`Unsupported` when the text needs the round-trip loader:
     it is not valid YAML, or uses something listed in the module docstring.
@@ -91,12 +96,58 @@ def read_plain(text: str) -> Any:
     if _CParser is None or _GUARD.search(text):
         raise Unsupported
     try:
-        node = _Composer(text).get_single_node()
+        root = _Composer(text).get_single_node()
     except _PyYAMLError as exc:
         raise Unsupported from exc
-    if node is None:  # an empty document
+    if root is None:  # an empty document
         raise Unsupported
-    return _Walk().value(node)
+    return Document(_Walk().value(root), root)
+
+
+@dataclass(frozen=True, slots=True)
+class Document:
+    """Plain data and the libyaml tree it came from, kept for line numbers."""
+
+    data: Any
+    root: Any
+
+    def line_of(self, loc: Sequence[str | int], *, key_line: bool = False) -> int | None:
+        """The line ``loader._line_of`` finds in ruamel's tree for ``loc``.
+
+        The deepest node on ``loc`` that exists: a key whose value is a
+        scalar reports the value's line, one whose value is a collection or
+        null (or with ``key_line``, the last key) the key's line.
+        """
+        node = self.root
+        line: int | None = None
+        for index, part in enumerate(loc):
+            if node.id == "mapping":
+                pair = _pair(node, str(part))
+                if pair is None:
+                    break
+                key, child = pair
+                at_key = (key_line and index == len(loc) - 1) or not _is_scalar_value(child)
+                mark = key.start_mark if at_key else child.start_mark
+            elif node.id == "sequence" and isinstance(part, int) and 0 <= part < len(node.value):
+                child = node.value[part]
+                mark = child.start_mark
+            else:
+                break
+            line = mark.line + 1
+            node = child
+        return line
+
+
+def _pair(mapping: Any, key: str) -> tuple[Any, Any] | None:
+    """The (key, value) nodes of ``key``; keys are strings (:class:`_Walk` made sure)."""
+    for pair in mapping.value:
+        if pair[0].value == key:
+            return pair  # type: ignore[no-any-return]
+    return None
+
+
+def _is_scalar_value(node: Any) -> bool:
+    return node.id == "scalar" and _scalar(node.value, node.style) is not None
 
 
 class _Walk:

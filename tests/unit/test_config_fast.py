@@ -117,10 +117,7 @@ def users(count: int) -> str:
 def test_valid_config_never_reaches_the_round_trip_parser(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    def refuse(text: str, source: str) -> Any:
-        raise AssertionError("the round-trip parser ran for a valid config")
-
-    monkeypatch.setattr(loader, "_parse_yaml", refuse)
+    monkeypatch.setattr(loader, "_parse_yaml", _refuse)
     assert len(load_config_text(users(500)).users) == 500
     assert load_config(REPO / "conf" / "softswitch.yaml").user("1001") is not None
 
@@ -136,7 +133,26 @@ def _unsupported(text: str) -> Any:
     raise fastyaml.Unsupported
 
 
-def test_an_invalid_large_config_is_reported_with_lines() -> None:
+def _refuse(text: str, source: str) -> Any:
+    raise AssertionError("the round-trip parser ran for valid YAML")
+
+
+def test_invalid_users_do_not_hide_the_valid_ones_from_the_checks() -> None:
+    text = users(6)
+    text = text.replace("pw200001}", "pw200001, x: 1}").replace('"200004"', '"4x"')
+    text = text.replace('"200005"', '"200002"')
+    with pytest.raises(ConfigError) as caught:
+        load_config_text(text, source="t.yaml")
+    assert [(issue.line, issue.field) for issue in caught.value.issues] == [
+        (6, "users[1].x"),
+        (9, "users[4].extension"),
+        (10, "users[5].extension"),
+    ]
+    assert "already used by the user at line 7" in caught.value.issues[2].message
+
+
+def test_an_invalid_large_config_is_reported_with_lines(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(loader, "_parse_yaml", _refuse)  # libyaml's marks give the lines
     text = users(300) + textwrap.dedent("""\
         delegations:
           - {delegator: "200000", delegates: ["200001", "999"]}
@@ -166,3 +182,40 @@ def test_gc_is_restored(monkeypatch: pytest.MonkeyPatch) -> None:
         assert not gc.isenabled()
     finally:
         gc.enable()
+
+
+LAYOUTS = [
+    *SAME,
+    "users:\n  - extension: '1'\n    name:\n      Ann\n    password: >\n      p\n  -\n    x: 1\n",
+    "a:\n  # comment\n  b: [1,\n     2, {c: d,\n         e: f}]\n  g: {h:\n     i}\n",
+    "'quoted key': 1\n\"k2\": {\"x\": [a, 'b']}\nempty:\nnext: ~\n",
+    "list:\n- a\n-   b\n- - c\n  - d\n-\n  - e\n",
+    "top: |\n  keep\n\n  this\nafter: 1\n",
+]
+
+
+def paths(value: Any, loc: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    """Every path into ``value``, plus a missing key and index under each collection."""
+    found = [loc]
+    if isinstance(value, dict):
+        found += [(*loc, "missing"), (*loc, 0)]
+        for key, child in value.items():
+            found += paths(child, (*loc, key))
+    elif isinstance(value, list):
+        found += [(*loc, len(value)), (*loc, "key")]
+        for i, child in enumerate(value):
+            found += paths(child, (*loc, i))
+    return found
+
+
+@pytest.mark.parametrize(
+    "text",
+    LAYOUTS + [p.read_text() for p in sorted((REPO / "conf").glob("*.yaml"))],
+)
+def test_lines_match_the_round_trip_tree(text: str) -> None:
+    tree = loader._parse_yaml(text, "t.yaml")
+    document = fastyaml.read(text)
+    for loc in paths(document.data):
+        for key_line in (False, True):
+            expected = loader._line_of(tree, loc, key_line=key_line)
+            assert document.line_of(loc, key_line=key_line) == expected, (loc, key_line)
