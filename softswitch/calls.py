@@ -86,6 +86,10 @@ class Media(Protocol):
 
 
 class LegState(Enum):
+    # Identity hashing (members are singletons) runs in C; Enum's own __hash__ is a
+    # Python call on every dict and set lookup of the message path.
+    __hash__ = object.__hash__
+
     CALLING = "calling"  # INVITE sent / received, no answer yet
     EARLY = "early"  # a provisional with a tag
     CONFIRMED = "confirmed"

@@ -36,6 +36,10 @@ class RegistrarPolicy:
 
 
 class AuthResult(Enum):
+    # Identity hashing (members are singletons) runs in C; Enum's own __hash__ is a
+    # Python call on every dict and set lookup of the message path.
+    __hash__ = object.__hash__
+
     NONE = "none"  # nothing to count
     FAILED = "failed"  # a wrong credential: counts towards throttling
     OK = "ok"

@@ -120,6 +120,7 @@ class Service:
         self.http_api = HttpApi(lambda: self.cfg, self.bus)
         self.http = HttpServer(self.http_api.handle)
         self._pumping = False
+        self._pump_scheduled = False
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._stopping: asyncio.Event | None = None
@@ -423,30 +424,49 @@ class Service:
         if outcome.auth is AuthResult.FAILED and self.throttle.record_failure(source.host, now):
             log.warning("auth_source_blocked", peer=source.host, seconds=self.throttle.block_time)
         if outcome.upserts or outcome.deletes:
-            task = asyncio.get_running_loop().create_task(
-                self._persist_then_respond(txn, req, outcome, source)
+            self.store.save_bindings_then(
+                outcome.upserts,
+                outcome.deletes,
+                lambda _, exc: self._persisted(txn, req, outcome, source, exc),
             )
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
             return
         self._respond(txn, req, outcome.response, source, event=outcome.event, user=outcome.user)
 
-    async def _persist_then_respond(
-        self, txn: ServerTransaction, req: Request, outcome: Outcome, source: Address
+    def _persisted(
+        self,
+        txn: ServerTransaction,
+        req: Request,
+        outcome: Outcome,
+        source: Address,
+        exc: BaseException | None,
     ) -> None:
-        """Group commit: the 200 leaves only once the binding is on disk."""
-        try:
-            await self.store.save_bindings(outcome.upserts, outcome.deletes)
-        except StoreError as exc:
+        """Group commit: the 200 leaves only once the binding is on disk.
+
+        The store calls this on the loop for every REGISTER of a commit in one go, so the
+        transaction layer's timer is re-armed once per commit (`_pump_soon`), not per REGISTER.
+        """
+        if exc is None:
+            self._respond(
+                txn, req, outcome.response, source, event=outcome.event, user=outcome.user
+            )
+        else:
             log.error("store_write_failed", call_id=req.call_id, error=str(exc))
             # Memory already changed: the disk is the truth, so reload it.
-            await self._reload_bindings()
+            task = asyncio.get_running_loop().create_task(self._reload_bindings())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
             resp = req.make_response(500, "Server Internal Error")
             resp.headers.add("Retry-After", "5")
             self._respond(txn, req, resp, source, event="register_store_failed")
-            self._pump()
-            return
-        self._respond(txn, req, outcome.response, source, event=outcome.event, user=outcome.user)
+        self._pump_soon()
+
+    def _pump_soon(self) -> None:
+        if not self._pump_scheduled:
+            self._pump_scheduled = True
+            asyncio.get_running_loop().call_soon(self._scheduled_pump)
+
+    def _scheduled_pump(self) -> None:
+        self._pump_scheduled = False
         self._pump()
 
     async def _reload_bindings(self) -> None:

@@ -98,6 +98,10 @@ def parse_authorization(value: str) -> DigestResponse:
 class Verdict(Enum):
     """Outcome of checking credentials; the registrar maps these to SIP responses."""
 
+    # Identity hashing (members are singletons) runs in C; Enum's own __hash__ is a
+    # Python call on every dict and set lookup of the message path.
+    __hash__ = object.__hash__
+
     OK = "ok"
     STALE = "stale"  # our nonce, too old, or not ours (e.g. from before a restart): re-challenge
     REPLAY = "replay"  # nonce-count not increasing: re-challenge, never accept

@@ -273,8 +273,27 @@ _VIA = re.compile(
 )
 
 
+# Parsed values by their text, like `uri._CACHE`: the same From, To, Contact and Via strings
+# come back within seconds (the authenticated retry of a REGISTER, every response and in-dialog
+# request of a call, our own Via in the responses to our requests), and the values are frozen,
+# so a hit is shared. Only successful parses are kept; a full cache is emptied (bounded, no LRU).
+_NAME_ADDRS: dict[str, NameAddr] = {}
+_VIAS: dict[str, Via] = {}
+_CACHE_MAX = 4096
+
+
 def parse_via(text: str) -> Via:
     """Parse one Via value; LWS around `/` and `;` is legal (RFC 4475 `wsinv`)."""
+    via = _VIAS.get(text)
+    if via is None:
+        via = _parse_via(text)
+        if len(_VIAS) >= _CACHE_MAX:
+            _VIAS.clear()
+        _VIAS[text] = via
+    return via
+
+
+def _parse_via(text: str) -> Via:
     m = _VIA.fullmatch(text)
     if m is None:
         raise _via_error(text)
@@ -394,6 +413,16 @@ def parse_name_addr(text: str) -> NameAddr:
     tokens separated by whitespace (`baddn` has a comma there: a 400). No whitespace is allowed
     inside `<...>` (`badaspec`).
     """
+    value = _NAME_ADDRS.get(text)
+    if value is None:
+        value = _parse_name_addr(text)
+        if len(_NAME_ADDRS) >= _CACHE_MAX:
+            _NAME_ADDRS.clear()
+        _NAME_ADDRS[text] = value
+    return value
+
+
+def _parse_name_addr(text: str) -> NameAddr:
     m = _NAME_ADDR.fullmatch(text)
     if m is not None:
         quoted, tokens, uri_text, param_text = m.groups()

@@ -22,6 +22,10 @@ from itertools import count
 class Timer(Enum):
     """Timer names. Letters are RFC 3261/6026's; the last two are the §13.3.1.4 2xx timers."""
 
+    # Identity hashing (members are singletons) runs in C; Enum's own __hash__ is a
+    # Python call on every dict and set lookup of the message path.
+    __hash__ = object.__hash__
+
     A = "A"  # INVITE client: request retransmission (unreliable only), doubling without cap
     B = "B"  # INVITE client: transaction timeout
     D = "D"  # INVITE client: wait for response retransmissions in Completed

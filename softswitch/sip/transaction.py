@@ -50,6 +50,10 @@ class Address(NamedTuple):
 class State(Enum):
     """Transaction states; each machine uses the subset its figure shows."""
 
+    # Identity hashing (members are singletons) runs in C; Enum's own __hash__ is a
+    # Python call on every dict and set lookup of the message path.
+    __hash__ = object.__hash__
+
     CALLING = "Calling"
     TRYING = "Trying"
     PROCEEDING = "Proceeding"
@@ -62,6 +66,10 @@ class State(Enum):
 class Input(Enum):
     """What can happen to a transaction besides a timer firing."""
 
+    # Identity hashing (members are singletons) runs in C; Enum's own __hash__ is a
+    # Python call on every dict and set lookup of the message path.
+    __hash__ = object.__hash__
+
     RESPONSE_1XX = "1xx"  # received (client) or sent by the TU (server)
     RESPONSE_2XX = "2xx"
     RESPONSE_3XX_6XX = "3xx-6xx"
@@ -72,6 +80,10 @@ class Input(Enum):
 
 class Action(Enum):
     """What a transition does, executed by the layer in table order."""
+
+    # Identity hashing (members are singletons) runs in C; Enum's own __hash__ is a
+    # Python call on every dict and set lookup of the message path.
+    __hash__ = object.__hash__
 
     SEND_RESPONSE = "send the TU's response and keep it for retransmission"
     SEND_2XX = "send the TU's 2xx without keeping it (RFC 6026: the TU retransmits 2xx)"

@@ -8,8 +8,9 @@ after a kill -9.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 
 @dataclass(slots=True)
@@ -47,6 +48,16 @@ class Store(Protocol):
 
     async def save_bindings(self, upserts: list[BindingRecord], deletes: list[BindingKey]) -> None:
         """Apply one REGISTER's changes atomically and durably."""
+        ...
+
+    def save_bindings_then(
+        self,
+        upserts: list[BindingRecord],
+        deletes: list[BindingKey],
+        done: Callable[[Any, BaseException | None], None],
+    ) -> None:
+        """`save_bindings` without a coroutine: `done(None, error)` runs on the event loop
+        once the write is durable (error None) or failed. The REGISTER hot path uses it."""
         ...
 
     async def purge_expired_bindings(self, now: float) -> int: ...

@@ -1,10 +1,16 @@
 """SQLite implementation of the store, with group commit.
 
-One writer thread owns the connection. Callers enqueue a write and await its future; the thread
-takes everything queued, runs it in one transaction, commits (WAL, synchronous=FULL: durable
-across power loss, not just kill -9) and resolves all those futures at once. Under load many
-REGISTERs share one fsync, which is how durability and thousands of writes per second coexist.
-The event loop never blocks on the disk.
+One writer thread owns the connection. Callers enqueue a write and await its future (or, on the
+REGISTER hot path, pass a plain callback: no task, no future); the thread takes everything
+queued, runs it in one transaction, commits (WAL, synchronous=FULL: durable across power loss,
+not just kill -9) and hands all the outcomes back to the loop in one `call_soon_threadsafe`.
+Under load many REGISTERs share one fsync, which is how durability and thousands of writes per
+second coexist. The event loop never blocks on the disk.
+
+Binding writes queued together are merged into one DELETE and one INSERT `executemany` without
+a savepoint each: their rows are plain values, so only the commit itself can fail, and then it
+fails for all of them alike. Other jobs keep a savepoint, so one failing job does not take the
+rest of its batch down.
 """
 
 from __future__ import annotations
@@ -48,8 +54,28 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 INSERT OR IGNORE INTO meta VALUES ('schema_version', '1');
 """
 
-_Job = tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]
+Done = Callable[[Any, BaseException | None], None]
+"""Called on the event loop with (result, None) or (None, error) once a write is durable."""
+
+_Job = tuple[Callable[[sqlite3.Connection], Any], Done]
 _STOP = object()
+
+_INSERT_BINDING = (
+    "INSERT OR REPLACE INTO bindings (aor, uri, contact, expires_at, call_id, cseq,"
+    " source, auth_user, user_agent, q) VALUES (?,?,?,?,?,?,?,?,?,?)"
+)
+_DELETE_BINDING = "DELETE FROM bindings WHERE aor = ? AND uri = ?"
+
+
+class _BindingWrite:
+    """One REGISTER's rows, merged with its neighbours in the batch by the writer thread."""
+
+    __slots__ = ("done", "keys", "rows")
+
+    def __init__(self, rows: list[tuple[Any, ...]], keys: list[tuple[str, str]], done: Done):
+        self.rows = rows
+        self.keys = keys
+        self.done = done
 
 
 class StoreError(Exception):
@@ -62,7 +88,7 @@ class SqliteStore:
     def __init__(self, path: Path, max_batch: int = 1000) -> None:
         self.path = path
         self.max_batch = max_batch
-        self._queue: queue.SimpleQueue[_Job | object] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[_Job | _BindingWrite | object] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.commits = 0  # for benchmarks: writes per commit = jobs / commits
@@ -107,7 +133,7 @@ class SqliteStore:
                 first = self._queue.get()
                 if first is _STOP:
                     return
-                batch: list[_Job] = [first]  # type: ignore[list-item]
+                batch: list[_Job | _BindingWrite] = [first]  # type: ignore[list-item]
                 stop = False
                 while len(batch) < self.max_batch:
                     try:
@@ -124,35 +150,68 @@ class SqliteStore:
         finally:
             conn.close()
 
-    def _commit(self, conn: sqlite3.Connection, batch: list[_Job]) -> None:
+    def _commit(self, conn: sqlite3.Connection, batch: list[_Job | _BindingWrite]) -> None:
         assert self._loop is not None
-        results: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
+        results: list[tuple[Done, Any, BaseException | None]] = []
         try:
             conn.execute("BEGIN IMMEDIATE")
-            for fn, fut in batch:
-                conn.execute("SAVEPOINT job")
-                try:
-                    results.append((fut, fn(conn), None))
-                    conn.execute("RELEASE job")
-                except sqlite3.Error as exc:
-                    conn.execute("ROLLBACK TO job")
-                    conn.execute("RELEASE job")
-                    results.append((fut, None, StoreError(str(exc))))
+            writes = [job for job in batch if isinstance(job, _BindingWrite)]
+            if writes:
+                self._write_bindings(conn, writes)
+                results += [(w.done, None, None) for w in writes]
+            for job in batch:
+                if not isinstance(job, _BindingWrite):
+                    results.append(self._run_job(conn, *job))
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
             log.error("store_commit_failed", error=str(exc), jobs=len(batch))
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
-            results = [(fut, None, StoreError(str(exc))) for _, fut in batch]
+            error = StoreError(str(exc))
+            results = [(_done_of(job), None, error) for job in batch]
         self.commits += 1
         self.jobs += len(batch)
         self._loop.call_soon_threadsafe(_settle_all, results)
 
-    async def _submit(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+    @staticmethod
+    def _write_bindings(conn: sqlite3.Connection, writes: list[_BindingWrite]) -> None:
+        """The batch's net effect per (aor, uri), in queue order: a later REGISTER's delete
+        beats an earlier one's upsert of the same contact, and the other way round."""
+        final: dict[tuple[str, str], tuple[Any, ...] | None] = {}
+        for w in writes:
+            for key in w.keys:
+                final[key] = None
+            for row in w.rows:
+                final[(row[0], row[1])] = row
+        deletes = [key for key, row in final.items() if row is None]
+        if deletes:
+            conn.executemany(_DELETE_BINDING, deletes)
+        rows = [row for row in final.values() if row is not None]
+        if rows:
+            conn.executemany(_INSERT_BINDING, rows)
+
+    @staticmethod
+    def _run_job(
+        conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], Any], done: Done
+    ) -> tuple[Done, Any, BaseException | None]:
+        conn.execute("SAVEPOINT job")
+        try:
+            value = fn(conn)
+        except sqlite3.Error as exc:
+            conn.execute("ROLLBACK TO job")
+            conn.execute("RELEASE job")
+            return done, None, StoreError(str(exc))
+        conn.execute("RELEASE job")
+        return done, value, None
+
+    def _check_open(self) -> asyncio.AbstractEventLoop:
         if self._thread is None or self._loop is None:
             raise StoreError("store is not open")
-        fut: asyncio.Future[T] = self._loop.create_future()
-        self._queue.put((fn, fut))
+        return self._loop
+
+    async def _submit(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        fut: asyncio.Future[T] = self._check_open().create_future()
+        self._queue.put((fn, _future_done(fut)))
         return await fut
 
     # --- bindings -------------------------------------------------------------------------
@@ -168,24 +227,23 @@ class SqliteStore:
         return await self._submit(load)
 
     async def save_bindings(self, upserts: list[BindingRecord], deletes: list[BindingKey]) -> None:
+        fut: asyncio.Future[None] = self._check_open().create_future()
+        self.save_bindings_then(upserts, deletes, _future_done(fut))
+        await fut
+
+    def save_bindings_then(
+        self, upserts: list[BindingRecord], deletes: list[BindingKey], done: Done
+    ) -> None:
+        """`save_bindings` for the REGISTER hot path: `done(None, error)` runs on the loop once
+        the rows are durable (error None) or the commit failed. No task, no future."""
+        self._check_open()
         rows = [
             (b.aor, b.uri, b.contact, b.expires_at, b.call_id, b.cseq, b.source, b.auth_user,
              b.user_agent, b.q)
             for b in upserts
         ]  # fmt: skip
         keys = [(k.aor, k.uri) for k in deletes]
-
-        def save(conn: sqlite3.Connection) -> None:
-            if keys:
-                conn.executemany("DELETE FROM bindings WHERE aor = ? AND uri = ?", keys)
-            if rows:
-                conn.executemany(
-                    "INSERT OR REPLACE INTO bindings (aor, uri, contact, expires_at, call_id, cseq,"
-                    " source, auth_user, user_agent, q) VALUES (?,?,?,?,?,?,?,?,?,?)",
-                    rows,
-                )
-
-        await self._submit(save)
+        self._queue.put(_BindingWrite(rows, keys, done))
 
     async def purge_expired_bindings(self, now: float) -> int:
         def purge(conn: sqlite3.Connection) -> int:
@@ -225,9 +283,23 @@ def _fail(fut: asyncio.Future[Any], exc: BaseException) -> None:
         fut.set_exception(exc)
 
 
-def _settle_all(results: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) -> None:
-    for fut, value, exc in results:
+def _future_done(fut: asyncio.Future[Any]) -> Done:
+    def done(value: Any, exc: BaseException | None) -> None:
         if exc is None:
             _resolve(fut, value)
         else:
             _fail(fut, exc)
+
+    return done
+
+
+def _done_of(job: _Job | _BindingWrite) -> Done:
+    return job.done if isinstance(job, _BindingWrite) else job[1]
+
+
+def _settle_all(results: list[tuple[Done, Any, BaseException | None]]) -> None:
+    for done, value, exc in results:
+        try:
+            done(value, exc)
+        except Exception:  # one caller's bug must not strand the others' responses
+            log.exception("store_callback_failed")

@@ -6,7 +6,7 @@ import asyncio
 from pathlib import Path
 
 from softswitch.store import BindingKey, BindingRecord
-from softswitch.store.sqlite import SqliteStore
+from softswitch.store.sqlite import SqliteStore, StoreError
 
 
 def record(aor: str, uri: str, expires_at: float) -> BindingRecord:
@@ -67,3 +67,44 @@ async def test_wal_mode_is_on(tmp_path: Path) -> None:
     conn = sqlite3.connect(tmp_path / "db.sqlite")
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     conn.close()
+
+
+async def test_later_write_of_the_same_contact_wins_within_a_batch(tmp_path: Path) -> None:
+    """Binding writes of one batch are merged; the merge must keep queue order per contact."""
+    store = SqliteStore(tmp_path / "db.sqlite")
+    await store.open()
+    outcomes: list[BaseException | None] = []
+    done = asyncio.Event()
+
+    def settle(_: object, exc: BaseException | None) -> None:
+        outcomes.append(exc)
+        if len(outcomes) == 4:
+            done.set()
+
+    key = BindingKey("1001", "sip:a")
+    # Queued back to back: the writer thread usually takes them as one batch.
+    store.save_bindings_then([record("1001", "sip:a", 1e12)], [], settle)
+    store.save_bindings_then([], [key], settle)  # the delete comes last: unbound
+    store.save_bindings_then([], [BindingKey("1002", "sip:b")], settle)
+    store.save_bindings_then([record("1002", "sip:b", 1e12)], [], settle)  # re-added: bound
+    await asyncio.wait_for(done.wait(), 5)
+    assert outcomes == [None] * 4
+    assert [(b.aor, b.uri) for b in await store.load_bindings(0.0)] == [("1002", "sip:b")]
+    await store.close()
+
+
+async def test_a_failed_commit_reaches_every_callback(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "db.sqlite")
+    await store.open()
+    await store._submit(lambda conn: conn.execute("DROP TABLE bindings"))
+    errors: list[BaseException | None] = []
+    done = asyncio.Event()
+
+    def settle(_: object, exc: BaseException | None) -> None:
+        errors.append(exc)
+        done.set()
+
+    store.save_bindings_then([record("1001", "sip:a", 1e12)], [], settle)
+    await asyncio.wait_for(done.wait(), 5)
+    assert len(errors) == 1 and isinstance(errors[0], StoreError)
+    await store.close()
