@@ -1,11 +1,9 @@
-"""One leg's media endpoint: an RTP and an RTCP UDP socket with symmetric latching.
+"""One leg's media endpoint: an RTP and an RTCP UDP port with symmetric latching.
 
-The fast path is `RtpSocket.datagram_received` -> `on_packet(data)`. `on_packet` is the plug
-point: it drops by default, a `RelayBridge` points it at the other leg's `RtpSocket.send`, a
-recorder or a mixer can put its own callable there. Nothing on that path parses RTP, awaits or
-allocates; it compares the source address, bumps two ints and calls `socket.sendto` on the raw
-socket (cheaper than `transport.sendto`, and a full send buffer drops the packet instead of
-queueing it, which is what real-time media wants).
+`on_packet` is the plug point: every packet from the latched source is handed to it. It drops
+by default, a `RelayBridge` points it at the other leg's `RtpSocket.send`, a recorder or a mixer
+can put its own callable there. Nothing on the packet path parses RTP, awaits or allocates
+beyond the packet's own bytes.
 
 Symmetric latching (phones behind NAT send from, and must be sent to, their NAT mapping, not the
 address in their SDP): each socket sends to the address the SDP announced until a packet
@@ -18,24 +16,47 @@ than the phone can take it, like in every latching relay; the 2 s rule then lets
 it back only if the stranger stops. Silence is measured without a clock read per packet: the
 first foreign packet starts a probe, and the socket re-latches if no latched packet arrived
 during the `relatch_after` seconds that followed.
+
+How the packets are read (D13 in docs/decisions.md). Sockets are read through the manager's
+`Poller` (one epoll set for all of them, one reader on the event loop: see media/poller.py),
+one packet per readiness event. Each port is a bound, unconnected socket (the *listener*) read
+with `recvfrom`: every packet before the latch, and strangers' after it, arrive there and go
+through the latching rules. Once latched, the port gets
+a second socket, bound to the same address and port (SO_REUSEPORT) and `connect`ed to the
+latched source (the *peer* socket): the kernel then delivers that source's packets to it and
+everything else to the listener, so the fast path is `recv` -> `on_packet` -> the other leg's
+`send`, with no address to build, compare or parse per packet and no route lookup per send
+(the connected socket caches it). The peer socket is made a few loop iterations after the
+latch (`Poller.later`, a bounded number per iteration), so that a thousand calls starting at
+once do not stall everyone's audio; until then the listener carries the packets. A re-latch
+reconnects the peer socket; a new SDP address closes it. SO_REUSEPORT is set on the listener
+only after it is bound, so another process binding the same port without it (another
+softswitch on an overlapping range) still fails with EADDRINUSE instead of sharing the port.
+Where a peer socket cannot be made (not Linux, the socket was never attached to a loop)
+everything goes through the listener, as before. Sends that fail (a full send buffer, ICMP
+errors a connected socket reports) drop the packet instead of queueing it, which is what
+real-time media wants.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import socket
+import sys
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from media.errors import EndpointClosed
+from media.poller import Poller
 
 if TYPE_CHECKING:
     from media.bridge import Bridge
 
 Address = tuple[Any, ...]
-"""A socket address as asyncio reports it: (host, port) or (host, port, flow, scope) for IPv6."""
+"""A socket address as the socket module reports it: (host, port), or 4 items for IPv6."""
 
 PacketHandler = Callable[[bytes], None]
 """What an endpoint socket does with every packet from its latched source."""
@@ -43,20 +64,30 @@ PacketHandler = Callable[[bytes], None]
 RTP_RELATCH_AFTER = 2.0
 RTCP_RELATCH_AFTER = 12.0
 
+RECV_SIZE = 65536
+"""Read buffer per packet: the largest UDP payload, so that no packet is ever cut short (the
+bytes object is shrunk to the packet's size, so this costs no memory per packet)."""
+
+PEER_SOCKETS = sys.platform == "linux" and hasattr(socket, "SO_REUSEPORT")
+"""Connected peer sockets need Linux's SO_REUSEPORT lookup (a connected socket wins over the
+unconnected one for its own source); elsewhere the listener reads everything."""
+
 
 def drop(data: bytes) -> None:
     """The handler of an unbridged socket: packets are counted, then discarded."""
 
 
-class RtpSocket(asyncio.DatagramProtocol):
-    """One UDP socket of an endpoint (RTP or RTCP): receive, latch, hand over, send."""
+class RtpSocket:
+    """One UDP port of an endpoint (RTP or RTCP): receive, latch, hand over, send."""
 
     __slots__ = (
         "_on_closed",
+        "_peer",
+        "_poller",
         "_probe_at",
         "_probe_rx",
-        "_sendto",
-        "_transport",
+        "_recv",
+        "_send",
         "announced",
         "dropped",
         "ignored",
@@ -74,9 +105,11 @@ class RtpSocket(asyncio.DatagramProtocol):
     def __init__(
         self, sock: socket.socket, relatch_after: float, on_closed: Callable[[], None]
     ) -> None:
-        self.sock = sock
-        self._sendto = sock.sendto
-        self._transport: asyncio.BaseTransport | None = None
+        self.sock = sock  # the listener: bound, never connected
+        self._peer: socket.socket | None = None  # connected to `source`, once latched
+        self._recv: Callable[[int], bytes] = _nothing  # the peer socket's recv
+        self._send: Callable[[bytes], object] = self._send_to_target
+        self._poller: Poller | None = None
         self._on_closed: Callable[[], None] | None = on_closed
         self.port: int = sock.getsockname()[1]
         self.relatch_after = relatch_after
@@ -92,38 +125,69 @@ class RtpSocket(asyncio.DatagramProtocol):
         self._probe_at = 0.0
         self._probe_rx = -1
 
-    # --- asyncio.DatagramProtocol ---
+    @property
+    def connected(self) -> bool:
+        """True while the latched source has a connected socket of its own (the fast path)."""
+        return self._peer is not None
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = transport
+    # --- reading ---
 
-    def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
+    def attach(self, poller: Poller) -> None:
+        """Start reading through `poller` (the socket must be non-blocking)."""
+        self._poller = poller
+        poller.add(self.sock.fileno(), self._read_listener)
+
+    def _read_peer(self) -> None:
+        """The fast path: one packet from the latched source (the kernel matched the address).
+
+        One packet per call: at 50 packets/s a socket rarely holds two, and a loop that reads
+        until EAGAIN would pay a failed system call and an exception for nearly every packet.
+        Callables held in slots are read into locals before the call: `self.x(...)` compiles to
+        a method lookup that CPython 3.11 cannot specialise for slots (5 % of the relay's CPU).
+        """
+        recv = self._recv
+        try:
+            data = recv(RECV_SIZE)
+        except OSError:  # nothing after all, or an ICMP error the connected socket reports
+            return
+        self.rx_packets += 1
+        self.rx_bytes += len(data)
+        handler = self.on_packet
+        handler(data)
+
+    def _read_listener(self) -> None:
+        """One packet before the latch, from a stranger, or queued before the peer socket."""
+        try:
+            data, addr = self.sock.recvfrom(RECV_SIZE)
+        except OSError:
+            return
+        self.datagram_received(data, addr)
+
+    def datagram_received(self, data: bytes, addr: Address) -> None:
+        """A packet and its source address: latch or ignore, count, hand over."""
         if addr != self.source and not self._latch(addr):
             return
         self.rx_packets += 1
         self.rx_bytes += len(data)
         self.on_packet(data)
 
-    def error_received(self, exc: Exception) -> None:
-        """ICMP errors (port unreachable while a phone restarts) are not worth a log line each."""
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        on_closed, self._on_closed = self._on_closed, None
-        if on_closed is not None:
-            on_closed()
-
     # --- sending and latching ---
 
     def send(self, data: bytes) -> None:
         """Send one packet to the peer; drop it if the peer is unknown or the buffer is full."""
+        send = self._send  # a local first: see `_read_peer`
+        try:
+            send(data)
+        except OSError:
+            self.dropped += 1
+
+    def _send_to_target(self, data: bytes) -> None:
+        """`send` before a latch (or without a peer socket): to the target, from the listener."""
         target = self.target
         if target is None:
             self.dropped += 1
             return
-        try:
-            self._sendto(data, target)
-        except OSError:
-            self.dropped += 1
+        self.sock.sendto(data, target)
 
     def _latch(self, addr: Address) -> bool:
         """Slow path, a packet from a source other than the latched one: latch onto it or not."""
@@ -133,19 +197,63 @@ class RtpSocket(asyncio.DatagramProtocol):
             # `relatch_after` for it to fall silent would cost the new phone 2 s of audio.
             if self.source is not None:
                 self.relatches += 1
-            self.source = self.target = addr
+            self._latch_onto(addr)
             return True
         now = time.monotonic()
         if self._probe_rx != self.rx_packets:  # the latched source spoke since the last probe
             self._probe_rx = self.rx_packets
             self._probe_at = now
         elif now - self._probe_at >= self.relatch_after:
-            self.source = self.target = addr
+            self._latch_onto(addr)
             self.relatches += 1
             self._probe_rx = -1
             return True
         self.ignored += 1
         return False
+
+    def _latch_onto(self, addr: Address) -> None:
+        self.source = self.target = addr
+        if self._peer is not None:  # a re-latch: reconnecting is one cheap system call
+            self._connect(self._peer, addr)
+        elif self._poller is not None and PEER_SOCKETS:
+            # A new socket costs ~50 us; when a thousand calls start (or relatch) at once, doing
+            # it here would stall every call's audio for 50 ms. The listener carries the
+            # source's packets until its turn comes.
+            self._poller.later(self._make_peer)
+
+    def _make_peer(self) -> None:
+        """Give the latched source its connected socket, if it is still latched and open."""
+        source, poller = self.source, self._poller
+        if source is None or poller is None or self._peer is not None or self._on_closed is None:
+            return
+        try:
+            peer = _peer_socket(self.sock)
+        except OSError:  # no fast path for this source: the listener reads everything
+            return
+        self._peer = peer
+        poller.add(peer.fileno(), self._read_peer)
+        self._connect(peer, source)
+
+    def _connect(self, peer: socket.socket, addr: Address) -> None:
+        """Point the peer socket at the latched source; from now on it carries the packets."""
+        try:
+            peer.connect(addr)
+        except OSError:
+            self._disconnect()
+            return
+        self._recv = peer.recv
+        self._send = peer.send
+
+    def _disconnect(self) -> None:
+        """Close the peer socket: every source reaches the listener again."""
+        peer, self._peer = self._peer, None
+        self._recv = _nothing
+        self._send = self._send_to_target
+        if peer is None:
+            return
+        if self._poller is not None:
+            self._poller.remove(peer.fileno())
+        peer.close()
 
     def set_announced(self, addr: Address | None) -> None:
         """Record where the SDP says to send. A new address also forgets the latch.
@@ -160,13 +268,52 @@ class RtpSocket(asyncio.DatagramProtocol):
         self.source = None
         self.target = addr
         self._probe_rx = -1
+        self._disconnect()
 
     def close(self) -> None:
-        if self._transport is not None:
-            self._transport.close()
-        else:  # never attached to a loop: nobody will call connection_lost
-            self.sock.close()
-            self.connection_lost(None)
+        """Close both sockets at once (the port is free again when this returns)."""
+        if self._on_closed is None:
+            return
+        self._disconnect()
+        if self._poller is not None:
+            self._poller.remove(self.sock.fileno())
+        self.sock.close()
+        on_closed, self._on_closed = self._on_closed, None
+        on_closed()
+
+
+def _nothing(size: int) -> bytes:
+    """The peer `recv` while there is no peer socket (a stale readiness event)."""
+    raise BlockingIOError
+
+
+def _peer_socket(listener: socket.socket) -> socket.socket:
+    """A socket bound to the listener's address and port, to be connected to one source.
+
+    SO_REUSEPORT goes on the listener only now, after its bind: until then no other socket,
+    ours or another process's, could share the port.
+    """
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    peer = socket.socket(listener.family, socket.SOCK_DGRAM)
+    try:
+        peer.setblocking(False)
+        peer.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        _copy_tos(listener, peer)
+        peer.bind(listener.getsockname())
+    except OSError:
+        peer.close()
+        raise
+    return peer
+
+
+def _copy_tos(src: socket.socket, dst: socket.socket) -> None:
+    """The peer socket sends the call's packets: it needs the listener's QoS marking."""
+    if src.family == socket.AF_INET6:
+        level, option = socket.IPPROTO_IPV6, socket.IPV6_TCLASS
+    else:
+        level, option = socket.IPPROTO_IP, socket.IP_TOS
+    with contextlib.suppress(OSError):  # best effort, like the marking itself
+        dst.setsockopt(level, option, src.getsockopt(level, option))
 
 
 class RtpEndpoint:
@@ -238,6 +385,11 @@ class RtpEndpoint:
         if (ip.version == 6) != (":" in self.address):
             raise ValueError(f"{addr[0]} is not of the address family of {self.address}")
         return addr
+
+    def attach(self, poller: Poller) -> None:
+        """Start reading both sockets through `poller`."""
+        self.rtp.attach(poller)
+        self.rtcp.attach(poller)
 
     def close(self) -> None:
         """Close both sockets; `MediaManager.release` is the normal way to get here."""

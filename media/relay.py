@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from media.bridge import Bridge, RelayBridge, Tap
 from media.endpoint import RTCP_RELATCH_AFTER, RTP_RELATCH_AFTER, RtpEndpoint
 from media.errors import PortsExhausted
+from media.poller import Poller
 from media.ports import PortAllocator
 
 _RETRY_ERRNOS = frozenset({errno.EADDRINUSE, errno.EACCES})
@@ -67,13 +68,27 @@ class MediaManager:
         self._endpoints: set[RtpEndpoint] = set()
         self._bridges: set[Bridge] = set()
         self._totals = [0] * 5  # counters of released endpoints, in MediaStats order
+        self._poll: Poller | None = None
 
     @property
     def ports(self) -> PortAllocator:
         return self._ports
 
+    def _poller(self) -> Poller:
+        """The poller of the running loop (made on first use: the manager is built before it)."""
+        loop = asyncio.get_running_loop()
+        if self._poll is None or self._poll.loop is not loop:
+            self._poll = Poller(loop)
+        return self._poll
+
     async def allocate_endpoint(self) -> RtpEndpoint:
-        """Bind a fresh RTP/RTCP pair; raise `PortsExhausted` if none is free or bindable.
+        """Bind a fresh RTP/RTCP pair; raise `PortsExhausted` if none is free or bindable."""
+        endpoint = self._bind_endpoint()
+        self._endpoints.add(endpoint)
+        return endpoint
+
+    def _bind_endpoint(self) -> RtpEndpoint:
+        """Bind a fresh RTP/RTCP pair and start reading it.
 
         Pairs held by other processes are skipped (up to `bind_attempts` per call). Other bind
         errors (the address is not ours, say) are configuration errors and propagate.
@@ -88,18 +103,15 @@ class MediaManager:
                 if exc.errno not in _RETRY_ERRNOS:
                     raise
                 continue
-            return await self._open(RtpEndpoint(rtp, rtcp, self._closed, self._relatch_after))
+            return self._open(RtpEndpoint(rtp, rtcp, self._closed, self._relatch_after))
         raise PortsExhausted(f"no bindable RTP port pair after {attempts} attempts")
 
-    async def _open(self, endpoint: RtpEndpoint) -> RtpEndpoint:
-        loop = asyncio.get_running_loop()
+    def _open(self, endpoint: RtpEndpoint) -> RtpEndpoint:
         try:
-            await loop.create_datagram_endpoint(lambda: endpoint.rtp, sock=endpoint.rtp.sock)
-            await loop.create_datagram_endpoint(lambda: endpoint.rtcp, sock=endpoint.rtcp.sock)
-        except BaseException:  # cancelled too: the sockets must not leak
+            endpoint.attach(self._poller())
+        except BaseException:  # the sockets must not leak
             endpoint.close()
             raise
-        self._endpoints.add(endpoint)
         return endpoint
 
     def _bind_pair(self, port: int) -> tuple[socket.socket, socket.socket]:
@@ -176,6 +188,9 @@ class MediaManager:
         if endpoints:
             waits = [ep.wait_closed() for ep in endpoints]
             await asyncio.wait_for(asyncio.gather(*waits), timeout)
+        if self._poll is not None:
+            self._poll.close()
+            self._poll = None
 
 
 def _endpoint_counters(ep: RtpEndpoint) -> tuple[int, int, int, int, int]:

@@ -24,6 +24,7 @@ from media import (
     RelayBridge,
     RtpEndpoint,
 )
+from media.endpoint import PEER_SOCKETS
 
 HOST = "127.0.0.1"
 TIMEOUT = 5.0
@@ -265,6 +266,50 @@ def test_relatch_after_the_latched_source_fell_silent(run: Run) -> None:
         assert ep_b.rtp.relatches == 1 and ep_b.rtp.ignored == 1
 
     run(scenario(relatch_after=(0.2, 0.2))(body))
+
+
+@pytest.mark.skipif(not PEER_SOCKETS, reason="connected peer sockets need Linux")
+def test_the_latched_source_gets_a_connected_socket_and_nobody_else_gets_the_port(
+    run: Run,
+) -> None:
+    async def body(manager: MediaManager) -> None:
+        ep_a, ep_b, alice, bob = await call(manager)
+        assert not ep_b.rtp.connected and not _bindable(ep_b.port)
+        bob.send(rtp(1, ssrc=0xB), ep_b.port)
+        await alice.wait_for(1)
+        assert ep_b.rtp.connected and not ep_b.rtcp.connected  # RTCP has not spoken yet
+        assert not _bindable(ep_b.port)  # SO_REUSEPORT on our sockets lets no one else in
+        alice.send(rtp(2), ep_a.port)
+        await bob.wait_for(1)
+        assert bob.received == [(rtp(2), (HOST, ep_b.port))]  # sent from the relay port
+        ep_b.set_remote(("127.0.0.1", 9))  # a new SDP address: back to the listener
+        assert not ep_b.rtp.connected
+
+    run(scenario()(body))
+
+
+def test_the_announced_phone_takes_over_from_a_latched_one(run: Run) -> None:
+    """A transfer: the leg's SDP names a new phone while the old one still sends."""
+
+    async def body(manager: MediaManager) -> None:
+        ep_a, ep_b, alice, old = await call(manager)
+        new = await Phone.open()
+        old.send(rtp(1, ssrc=0x01D), ep_b.port)
+        await alice.wait_for(1)
+        ep_b.set_remote(new.addr)
+        old.send(rtp(2, ssrc=0x01D), ep_b.port)  # first after the change: latched again
+        await alice.wait_for(2)
+        new.send(rtp(3, ssrc=0x9E3), ep_b.port)  # the announced phone wins at once
+        await alice.wait_for(3)
+        old.send(rtp(4, ssrc=0x01D), ep_b.port)  # and the old one is ignored from now on
+        alice.send(rtp(50), ep_a.port)
+        await new.wait_for(1)
+        await settle()
+        assert [RtpPacket.parse(p).sequence_number for p in alice.packets] == [1, 2, 3]
+        assert ep_b.rtp.source == new.addr and ep_b.rtp.relatches == 1
+        assert ep_b.rtp.ignored == 1 and not old.received
+
+    run(scenario()(body))
 
 
 def test_new_sdp_address_forgets_the_latch_same_address_keeps_it(run: Run) -> None:
