@@ -270,6 +270,18 @@ class RtpSocket:
         self._probe_rx = -1
         self._disconnect()
 
+    def reset(self) -> None:
+        """Back to the state of a fresh socket: no latch, no addresses, no counts, dropping.
+
+        A pooled endpoint has been reading (and dropping, or latching onto) whatever strangers
+        sent to its ports while it waited; none of that may follow it into a call.
+        """
+        self._disconnect()
+        self.on_packet = drop
+        self.announced = self.source = self.target = None
+        self.rx_packets = self.rx_bytes = self.dropped = self.ignored = self.relatches = 0
+        self._probe_rx = -1
+
     def close(self) -> None:
         """Close both sockets at once (the port is free again when this returns)."""
         if self._on_closed is None:
@@ -385,6 +397,11 @@ class RtpEndpoint:
         if (ip.version == 6) != (":" in self.address):
             raise ValueError(f"{addr[0]} is not of the address family of {self.address}")
         return addr
+
+    def reset(self) -> None:
+        """Forget everything since the sockets were bound (a pooled endpoint handed out)."""
+        self.rtp.reset()
+        self.rtcp.reset()
 
     def attach(self, poller: Poller) -> None:
         """Start reading both sockets through `poller`."""

@@ -25,6 +25,7 @@ relay pays for delivering to the phones as well: more kernel time than it would 
     python scripts/bench_rtp.py --calls 500 --loop uvloop --seconds 5
     python scripts/bench_rtp.py --calls 500 --py-spy /tmp/relay.txt   # profile the relay too
     python scripts/bench_rtp.py --generator python   # the former in-process generator
+    python scripts/bench_rtp.py --setup 1000         # endpoint allocation, pool vs no pool
 """
 
 from __future__ import annotations
@@ -524,6 +525,38 @@ def run_one(args: argparse.Namespace, loop: str, calls: int) -> Result:
             spy.wait(5)
 
 
+def setup_bench(args: argparse.Namespace) -> None:
+    """--setup N: what allocating a call's two endpoints costs on the call setup path, with the
+    pool of bound endpoints (the default, 8) and without it, N calls, one every 5 ms."""
+    import uvloop
+
+    low, high = (int(x) for x in args.ports.split("-"))
+    print(f"{'pool':>4} {'calls':>6} {'p50 us':>7} {'p90 us':>7} {'p99 us':>7} {'max us':>7}")
+    for pool in (0, 8, 0, 8):
+        times = uvloop.run(_setup_times(low, high, pool, args.setup))
+        times.sort()
+        q = [times[min(len(times) - 1, int(f * len(times)))] / 1000 for f in (0.5, 0.9, 0.99)]
+        cells = " ".join(f"{x:7.1f}" for x in (*q, times[-1] / 1000))
+        print(f"{pool:4} {len(times):6} {cells}", flush=True)
+
+
+async def _setup_times(low: int, high: int, pool: int, calls: int) -> list[int]:
+    manager = MediaManager(HOST, low, high, tos=None, pool=pool)
+    times = []
+    try:
+        for i in range(calls):
+            t = time.perf_counter_ns()
+            ep_a, ep_b = await manager.allocate_endpoint(), await manager.allocate_endpoint()
+            times.append(time.perf_counter_ns() - t)
+            ep_a.set_remote((HOST, 40000 + 2 * i))
+            ep_b.set_remote((HOST, 50000 + 2 * i))
+            manager.bridge(ep_a, ep_b)
+            await asyncio.sleep(0.005)
+    finally:
+        await manager.close()
+    return times
+
+
 def wait_for_quiet(limit: float, threshold: float = 0.3) -> float:
     """Wait (at most `limit` s) for a second in which other processes use < `threshold` cores.
 
@@ -582,6 +615,10 @@ def main() -> None:
         "--quiet", type=float, default=0.0, metavar="S",
         help="before each run, wait up to S seconds for the machine to be idle",
     )  # fmt: skip
+    parser.add_argument(
+        "--setup", type=int, metavar="N",
+        help="instead: the call setup cost of 2 endpoints, with and without the pool, N calls",
+    )  # fmt: skip
     parser.add_argument("--pin", action="store_true", help="relay on CPU 0, generator on CPU 1")
     parser.add_argument(
         "--py-spy", metavar="FILE", help="record the relay with py-spy (raw format)"
@@ -595,6 +632,9 @@ def main() -> None:
         parser.error(f"--ports {args.ports} is too small for {max(args.calls)} calls")
     if not 0 < args.seconds <= 170 or max(args.calls) > 10_000:
         parser.error("at most 170 s per run and 10,000 calls")
+    if args.setup:
+        setup_bench(args)
+        return
     if args.pin:
         os.sched_setaffinity(0, {1})
     with tempfile.TemporaryDirectory(prefix="bench_rtp.") as tmp:

@@ -424,7 +424,83 @@ def test_release_frees_the_ports(run: Run) -> None:
         for port in ports:
             assert _bindable(port), port
 
-    run(scenario()(body))
+    run(scenario(pool=0)(body))  # a pool would take the released pairs again
+
+
+# --- the pool of bound endpoints ----------------------------------------------------------------
+
+
+async def let_the_pool_fill() -> None:
+    """The pool tops itself up one endpoint per loop iteration."""
+    for _ in range(20):
+        await asyncio.sleep(0)
+
+
+def test_the_pool_hands_out_bound_endpoints_and_refills(run: Run) -> None:
+    async def body(manager: MediaManager) -> None:
+        low = manager.ports.low
+        first = await manager.allocate_endpoint()  # the pool is empty yet: bound on the spot
+        assert first.port == low and manager.stats().pooled == 0
+        await let_the_pool_fill()
+        assert manager.stats().pooled == 2 and manager.ports.in_use == 3
+        assert not _bindable(low + 2) and not _bindable(low + 5)  # pooled ports are bound
+        second = await manager.allocate_endpoint()
+        assert second.port == low + 2 and manager.stats().pooled == 1
+        await let_the_pool_fill()
+        assert manager.stats().pooled == 2 and manager.stats().endpoints == 2
+        _, _, alice, bob = await call(manager)  # pooled endpoints relay like any other
+        alice.send(rtp(1), manager.ports.low + 4)
+        await bob.wait_for(1)
+
+    run(scenario(pool=2)(body))
+
+
+def test_a_pooled_endpoint_forgets_what_reached_it_while_waiting(run: Run) -> None:
+    async def body(manager: MediaManager) -> None:
+        low = manager.ports.low
+        await manager.allocate_endpoint()
+        await let_the_pool_fill()
+        stranger = await Phone.open()
+        for i in range(3):
+            stranger.send(rtp(i, ssrc=0xBAD), low + 2)  # the pooled endpoint's RTP port
+            stranger.send(rtcp_rr(0xBAD), low + 3)
+        await settle()
+        ep = await manager.allocate_endpoint()
+        assert ep.port == low + 2
+        await settle()
+        assert ep.rtp.source is None and ep.rtp.rx_packets == 0 and ep.rtcp.source is None
+        stranger.send(rtp(9, ssrc=0xBAD), ep.port)  # what comes after the hand-out counts
+        while ep.rtp.rx_packets < 1:
+            await asyncio.sleep(0.005)
+        assert ep.rtp.source == stranger.addr
+
+    run(scenario(pool=1)(body))
+
+
+def test_the_pool_gives_way_when_the_range_runs_out(run: Run) -> None:
+    async def body(manager: MediaManager) -> None:
+        await manager.allocate_endpoint()
+        await let_the_pool_fill()
+        assert manager.stats().pooled == 1 and manager.ports.free == 0
+        await manager.allocate_endpoint()  # the pooled one
+        with pytest.raises(PortsExhausted):
+            await manager.allocate_endpoint()
+
+    run(scenario(pairs=2, pool=8)(body))
+
+
+def test_close_closes_the_pooled_endpoints(run: Run) -> None:
+    async def body() -> None:
+        low, high = free_range(4)
+        manager = MediaManager(HOST, low, high, pool=3)
+        await manager.allocate_endpoint()
+        await let_the_pool_fill()
+        assert manager.stats().pooled == 3
+        await manager.close()
+        assert manager.ports.in_use == 0 and manager.stats().pooled == 0
+        assert all(_bindable(port) for port in range(low, high + 1))
+
+    run(body())
 
 
 def test_exhausted_range_raises_ports_exhausted(run: Run) -> None:
