@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""In-process CPU cost of the REGISTER path: the service fed bytes, no network, no SIPp.
+"""In-process CPU cost of the REGISTER path and of a 16-way fork: the service fed bytes.
 
 The SIPp benchmark (scripts/bench_register.sh) gives the figure that counts, but it takes
 minutes and its noise (SIPp and the rest of the machine share two cores) hides changes of a
@@ -11,6 +11,13 @@ Building the authenticated requests (the client's work) is done outside the meas
 
     python scripts/bench_inproc.py --users 2000 --batch 4
     python scripts/bench_inproc.py --profile /tmp/reg.prof   # cProfile of the measured windows
+    python scripts/bench_inproc.py --fork --calls 300        # INVITE in -> 16 forks queued
+
+`--fork`: a delegator (1001) with 15 delegates, one contact each (bindings put in directly),
+a trusted caller sends INVITEs one at a time; measured is the time from handing the INVITE to
+the service until the 16th forked INVITE is handed to the (fake) transport, wall and CPU, and
+the CPU of the whole call (16 x 486 and their ACKs, the final 486 and its ACK). This is the
+service's own share of scripts/bench_fork.py's latency, without loopback sendto or scheduling.
 
 Bounded: `--users` registrations, each step awaited with a timeout.
 """
@@ -36,6 +43,7 @@ from softswitch.service import Service
 from softswitch.sip.transaction import Address
 
 PORT = 15990
+LO = "127.0.0.1"
 FIRST = 200000
 
 CONFIG = """\
@@ -170,6 +178,158 @@ async def run(args: argparse.Namespace) -> None:
         os.system(f"rm -rf {tmp}")
 
 
+FORK_CONFIG = """\
+domain: 127.0.0.1
+listen: [udp:127.0.0.1:{port}]
+http: 127.0.0.1:{http}
+data_dir: {data_dir}
+media: {{address: 127.0.0.1, ports: 32000-32999}}
+trusted: ["127.0.0.1/32"]
+log: {{level: {level}, format: json}}
+users:
+{users}
+delegations:
+  - {{delegator: "1001", delegates: [{delegates}]}}
+"""
+
+INVITE = (
+    "INVITE sip:1001@127.0.0.1:{port} SIP/2.0\r\n"
+    "Via: SIP/2.0/UDP 127.0.0.1:5070;branch=z9hG4bK-call-{n}\r\n"
+    "Max-Forwards: 70\r\n"
+    'From: "Caller" <sip:3000@127.0.0.1>;tag=c{n}\r\n'
+    "To: <sip:1001@127.0.0.1>\r\n"
+    "Call-ID: fork-{n}@127.0.0.1\r\n"
+    "CSeq: 1 INVITE\r\n"
+    "Contact: <sip:3000@127.0.0.1:5070>\r\n"
+    "Content-Type: application/sdp\r\n"
+    "Content-Length: {length}\r\n\r\n{sdp}"
+)
+SDP = (
+    "v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\n"
+    "m=audio 6000 RTP/AVP 0 8 101\r\na=rtpmap:0 PCMU/8000\r\na=rtpmap:8 PCMA/8000\r\n"
+    "a=rtpmap:101 telephone-event/8000\r\na=fmtp:101 0-16\r\na=sendrecv\r\n"
+)
+HEADER = re.compile(rb"^(Via|From|To|Call-ID|CSeq): .*$", re.M)
+
+
+def busy_for(invite: bytes) -> bytes:
+    """A phone's 486 to a forked INVITE: its Via, From, To (tagged), Call-ID and CSeq."""
+    head = invite.split(b"\r\n\r\n", 1)[0]
+    lines = [m.group(0).rstrip(b"\r") for m in HEADER.finditer(head)]
+    lines = [ln + b";tag=busy" if ln.startswith(b"To:") else ln for ln in lines]
+    return b"SIP/2.0 486 Busy Here\r\n" + b"\r\n".join(lines) + b"\r\nContent-Length: 0\r\n\r\n"
+
+
+def ack_for(n: int, final: bytes) -> bytes:
+    to = re.search(rb"^To: .*$", final, re.M).group(0).rstrip(b"\r")  # type: ignore[union-attr]
+    return (
+        (
+            f"ACK sip:1001@127.0.0.1:{PORT} SIP/2.0\r\n"
+            f"Via: SIP/2.0/UDP 127.0.0.1:5070;branch=z9hG4bK-call-{n}\r\n"
+            f'Max-Forwards: 70\r\nFrom: "Caller" <sip:3000@127.0.0.1>;tag=c{n}\r\n'
+        ).encode()
+        + to
+        + f"\r\nCall-ID: fork-{n}@127.0.0.1\r\nCSeq: 1 ACK\r\nContent-Length: 0\r\n\r\n".encode()
+    )
+
+
+async def run_fork(args: argparse.Namespace) -> None:
+    from softswitch.store import BindingRecord
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench_inproc."))
+    cfg_path = tmp / "softswitch.yaml"
+    exts = [str(1001 + i) for i in range(16)]
+    users = "\n".join(
+        f'  - {{extension: "{u}", name: User {u}, password: pw{u}}}' for u in [*exts, "3000"]
+    )
+    cfg_path.write_text(
+        FORK_CONFIG.format(
+            port=PORT, http=PORT + 1, data_dir=tmp / "var", level=args.log, users=users,
+            delegates=", ".join(f'"{u}"' for u in exts[1:]),
+        )
+    )  # fmt: skip
+    cfg = load_config(cfg_path)
+    log_file = (tmp / "log.jsonl").open("w")
+    sys.stderr = log_file
+    logs.configure(cfg.log.level, "json")
+    service = Service(cfg, cfg_path)
+    await service.start()
+    service.bindings.apply(
+        [
+            BindingRecord(
+                aor=u, contact=f"<sip:{u}@{LO}:{5900 + i}>", uri=f"sip:{u}@{LO}:{5900 + i}",
+                expires_at=time.time() + 3600, call_id=f"reg{u}", cseq=1,
+                source=f"udp:127.0.0.1:{5900 + i}", auth_user=u,
+            )
+            for i, u in enumerate(exts)
+        ],
+        [],
+    )  # fmt: skip
+    sent: list[bytes] = []
+    forked = asyncio.Event()
+    final = asyncio.Event()
+    marks: dict[str, float] = {}
+
+    def send(data: bytes, dest: Address) -> None:
+        sent.append(data)
+        if data.startswith(b"INVITE ") and sum(d.startswith(b"INVITE ") for d in sent) == 16:
+            marks["wall"], marks["cpu"] = time.perf_counter(), time.thread_time()
+            forked.set()
+        elif data.startswith(b"SIP/2.0 4") and dest.port == 5070:
+            final.set()
+
+    service.transports.send = send  # type: ignore[method-assign]
+    caller = Address("udp", "127.0.0.1", 5070)
+    handler = service._on_message
+    profiler = cProfile.Profile() if args.profile else None
+    walls: list[float] = []
+    cpus: list[float] = []
+    call_cpu = 0.0
+    for n in range(args.calls):
+        invite = INVITE.format(port=PORT, n=n, length=len(SDP), sdp=SDP).encode()
+        sent.clear()
+        forked.clear()
+        final.clear()
+        if profiler:
+            profiler.enable()
+        c0 = time.thread_time()
+        t0 = time.perf_counter()
+        handler(invite, caller)
+        await asyncio.wait_for(forked.wait(), 5)
+        walls.append(marks["wall"] - t0)
+        cpus.append(marks["cpu"] - c0)
+        invites = [d for d in sent if d.startswith(b"INVITE ")]
+        for i, inv in enumerate(invites):
+            handler(busy_for(inv), Address("udp", "127.0.0.1", 5900 + i))
+        await asyncio.wait_for(final.wait(), 5)
+        last = [d for d in sent if d.startswith(b"SIP/2.0 4")][-1]
+        handler(ack_for(n, last), caller)
+        call_cpu += time.thread_time() - c0
+        if profiler:
+            profiler.disable()
+        await asyncio.sleep(0)
+    await service.stop()
+    log_file.close()
+    sys.stderr = sys.__stderr__
+    walls.sort()
+    cpus.sort()
+
+    def pct(xs: list[float], q: float) -> float:
+        return xs[min(len(xs) - 1, int(q * len(xs)))] * 1e6
+
+    print(
+        f"{args.calls} calls forked to 16: INVITE in -> 16th fork queued, wall p50 "
+        f"{pct(walls, 0.5):.0f} p99 {pct(walls, 0.99):.0f} max {pct(walls, 1.0):.0f} µs; "
+        f"CPU p50 {pct(cpus, 0.5):.0f} µs; main-thread CPU per whole call "
+        f"{call_cpu / args.calls * 1e6:.0f} µs"
+    )
+    if profiler:
+        profiler.dump_stats(args.profile)
+        print(f"profile: {args.profile}")
+    if not args.keep:
+        os.system(f"rm -rf {tmp}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--users", type=int, default=2000)
@@ -178,13 +338,16 @@ def main() -> None:
     ap.add_argument("--loop", default="uvloop", choices=["uvloop", "asyncio"])
     ap.add_argument("--profile", help="write a cProfile of the measured windows here")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir")
+    ap.add_argument("--fork", action="store_true", help="measure the 16-way fork instead")
+    ap.add_argument("--calls", type=int, default=300, help="--fork: calls, one at a time")
     args = ap.parse_args()
+    coro = run_fork(args) if args.fork else run(args)
     if args.loop == "uvloop":
         import uvloop
 
-        uvloop.run(run(args))
+        uvloop.run(coro)
     else:
-        asyncio.run(run(args))
+        asyncio.run(coro)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ from media.sdp import OriginState, SessionDescription, parse_sdp, rewrite
 
 from .lines import CallState, Direction, LineBus, LineEvent
 from .sip.dialog import Dialog, new_call_id, new_tag
-from .sip.headers import Headers
+from .sip.headers import CSeq, Headers, Via, entry
 from .sip.message import Request, Response
 from .sip.transaction import Address, ClientTransaction, ServerTransaction
 from .sip.transaction_layer import TransactionLayer
@@ -174,11 +174,26 @@ class Call:
     ids: set[str] = field(default_factory=set)  # its entries in B2BUA._call_ids
     fork_origin: OriginState = field(default_factory=OriginState)  # o= towards every fork
     fork_body: bytes | None = None  # the offer every fork gets, rendered once
+    fork_template: ForkTemplate | None = None  # the header entries every fork shares
     transfer: Transfer | None = None  # set while this call rings a blind-transfer target
     held_by: str | None = None  # the party whose phone holds the call
     private: bool = False  # held privately: only `held_by` may retrieve it
     failures: list[int] = field(default_factory=list)
     outstanding: int = 0  # forks not yet finished (including delayed ones not yet sent)
+
+
+Entry = tuple[str, str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class ForkTemplate:
+    """The header entries all forks of a call share, built once per call: a fork to 16 phones
+    then costs 16 list concatenations instead of 16 x 13 `Headers.add` calls."""
+
+    head: tuple[Entry, ...]  # Max-Forwards, From (before To)
+    middle: tuple[Entry, ...]  # Call-ID, CSeq (between To and Contact)
+    common: tuple[Entry, ...]  # P-Asserted-Identity, the call's extra headers
+    tail: tuple[Entry, ...]  # Allow, Content-Type
 
 
 @dataclass(frozen=True, slots=True)
@@ -292,12 +307,22 @@ class B2BUA:
             if target.delay > 0:
                 self._later(t0, target.delay, _bind(self._fork, call, target, caller_pai))
             else:
-                self._fork(call, target, caller_pai)
+                self._fork(call, target, caller_pai, log_it=False)
+        now_forks = [t for t in targets if t.delay <= 0]
+        log.info(
+            "call_forked",
+            call=call.id,
+            call_id=req.call_id,
+            forks=[{"party": t.party, "dest": _dest_text(t.dest)} for t in now_forks],
+            delayed=len(targets) - len(now_forks),
+        )
         self._later(t0, ring_time, lambda: self._ring_timeout(call))
         self._publish(call, CallState.RINGING)
         self.flush()
 
-    def _fork(self, call: Call, target: ForkTarget, pai: str | None) -> None:
+    def _fork(
+        self, call: Call, target: ForkTarget, pai: str | None, *, log_it: bool = True
+    ) -> None:
         if call.ended or call.b is not None:
             return
         assert call.offer is not None
@@ -310,6 +335,9 @@ class B2BUA:
                 self._ports(call.offer, call.b_media),
                 call.fork_origin,
             )
+        template = call.fork_template
+        if template is None:
+            template = call.fork_template = self._fork_template(call, pai)
         leg = Leg(
             call,
             target.party,
@@ -320,37 +348,43 @@ class B2BUA:
             origin=call.fork_origin,
         )
         leg.identity = target.party
-        body = call.fork_body
-        headers = Headers()
-        headers.add("Via", self._via(target.dest))
-        headers.add("Max-Forwards", "70")
-        headers.add("From", f"{call.b_from};tag={call.b_from_tag}")
-        headers.add("To", target.to or f"<{target.uri}>")
-        headers.add("Call-ID", call.b_call_id)
-        headers.add("CSeq", "1 INVITE")
-        headers.add("Contact", self._contact(target.dest))
-        if pai:
-            headers.add("P-Asserted-Identity", pai)
-        for name, value in (*target.headers, *call.extra_headers):
-            headers.add(name, value)
+        via_text, via = self._via_parts(target.dest)
+        items = [
+            ("via", "Via", via_text),
+            *template.head,
+            ("to", "To", target.to or f"<{target.uri}>"),
+            *template.middle,
+            ("contact", "Contact", self._contact(target.dest)),
+            *template.common,
+            *(entry(name, value) for name, value in target.headers),
+        ]
         if self.fork_headers is not None:
-            for name, value in self.fork_headers(call, target):
-                headers.add(name, value)
-        headers.add("Allow", ALLOW)
-        headers.add("Content-Type", "application/sdp")
-        req = Request("INVITE", parse_uri(target.uri), headers, body)
+            items += [entry(name, value) for name, value in self.fork_headers(call, target)]
+        items += template.tail
+        headers = Headers(items)
+        headers.prime("via", [via])
+        headers.prime("cseq", _INVITE_CSEQ)
+        req = Request("INVITE", parse_uri(target.uri), headers, call.fork_body)
         txn = self.layer.send_request(req, target.dest, self._now())
         leg.invite = txn
         call.forks.append(leg)
         self._clients[txn] = leg
-        log.info(
-            "call_fork",
-            call=call.id,
-            party=target.party,
-            dest=f"{target.dest.transport}:{target.dest.host}:{target.dest.port}",
-        )
+        if log_it:  # start_call logs the whole fork set in one line
+            log.info("call_fork", call=call.id, party=target.party, dest=_dest_text(target.dest))
         # No flush here: start_call flushes once after the whole fork set, and a delayed
         # fork runs from the timer, whose caller pumps the layer.
+
+    @staticmethod
+    def _fork_template(call: Call, pai: str | None) -> ForkTemplate:
+        common = [entry("P-Asserted-Identity", pai)] if pai else []
+        common += [entry(name, value) for name, value in call.extra_headers]
+        from_value = f"{call.b_from};tag={call.b_from_tag}"
+        return ForkTemplate(
+            head=(entry("Max-Forwards", "70"), entry("From", from_value)),
+            middle=(entry("Call-ID", call.b_call_id), entry("CSeq", "1 INVITE")),
+            common=tuple(common),
+            tail=(entry("Allow", ALLOW), entry("Content-Type", "application/sdp")),
+        )
 
     # --- responses on our client transactions -----------------------------------------------
     def on_response(self, txn: ClientTransaction, resp: Response) -> bool:
@@ -1207,15 +1241,26 @@ class B2BUA:
                 return
 
     def _via(self, dest: Address) -> str:
+        return self._via_parts(dest)[0]
+
+    def _via_parts(self, dest: Address) -> tuple[str, Via]:
+        """Our Via towards `dest` with a fresh branch, as text and as the parsed value."""
         local = self.local(dest.transport)
-        return (
-            f"SIP/2.0/{dest.transport.upper()} {local.host}:{local.port};"
-            f"branch={self.layer.new_branch()};rport"
-        )
+        transport = dest.transport.upper()
+        branch = self.layer.new_branch()
+        text = f"SIP/2.0/{transport} {local.host}:{local.port};branch={branch};rport"
+        return text, Via(transport, local.host, local.port, (("branch", branch), ("rport", None)))
 
     def _contact(self, dest: Address) -> str:
         local = self.local(dest.transport)
         return f"<sip:{local.host}:{local.port};transport={dest.transport}>"
+
+
+_INVITE_CSEQ = CSeq(1, "INVITE")
+
+
+def _dest_text(dest: Address) -> str:
+    return f"{dest.transport}:{dest.host}:{dest.port}"
 
 
 def _bind(fn: Callable[..., None], *args: Any) -> Callable[[], None]:

@@ -151,6 +151,11 @@ class Headers:
             value = self._cache[key] = parse(self)
         return value  # type: ignore[no-any-return]
 
+    def prime(self, name: str, value: object) -> None:
+        """Cache the typed value of a header the composer has just written (our own Via with
+        its branch, our CSeq), so the layers below do not parse back what we formatted."""
+        self._cache[header_key(name)] = value
+
     def add(self, name: str, value: str) -> None:
         """Append a field at the end."""
         key = header_key(name)
@@ -215,6 +220,12 @@ def split_list(values: list[str]) -> list[str]:
             if part:
                 out.append(part)
     return out
+
+
+def entry(name: str, value: str) -> tuple[str, str, str]:
+    """One `Headers` entry (key, name as written, value): for code that composes many
+    messages from shared parts and builds the entry list once instead of `add`ing each time."""
+    return (header_key(name), _out_name(name), value)
 
 
 def _out_name(name: str) -> str:

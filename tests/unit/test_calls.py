@@ -557,3 +557,23 @@ async def test_unparseable_sdp_in_a_reinvite_is_refused_not_forwarded() -> None:
     rig.b2bua.on_in_dialog(ev.txn, ev.request, leg)
     assert len(rig.take(PHONES[0], "488")) == 1
     assert rig.take(CALLER, "INVITE") == []  # nothing reached the caller
+
+
+async def test_forks_are_composed_from_a_template_and_read_back_the_same() -> None:
+    """The fork INVITEs are built from shared header entries with their Via and CSeq values
+    primed: what the transaction layer read from the cache must be what the phone parses."""
+    rig = Rig()
+    rig.layer._out.clear()
+    await rig.invite(3)
+    invites = rig.take(method="INVITE")
+    assert len(invites) == 3
+    outstanding = rig.b2bua._clients
+    primed = {txn.request.via.branch: txn.request for txn in outstanding}
+    for wire in invites:
+        ours = primed[wire.via.branch]
+        assert ours.via == wire.via and ours.cseq == wire.cseq
+        assert [n for n, _ in ours.headers] == [n for n, _ in wire.headers]
+    # Shared parts are shared, the per-fork ones are not.
+    assert len({i.headers.get("from") for i in invites}) == 1
+    assert len({i.via.branch for i in invites}) == 3
+    assert len({str(i.uri) for i in invites}) == 3
