@@ -41,6 +41,11 @@ def token_urlsafe(nbytes: int) -> str:
     return base64.urlsafe_b64encode(_POOL.take(nbytes)).rstrip(b"=").decode()
 
 
+def random_bytes(nbytes: int) -> bytes:
+    """Like `os.urandom`, from the pool."""
+    return _POOL.take(nbytes)
+
+
 def token_hex(nbytes: int) -> str:
     """Like `secrets.token_hex`."""
     return _POOL.take(nbytes).hex()
