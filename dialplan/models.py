@@ -517,6 +517,9 @@ class Config(_Model):
     _by_number: dict[str, User] = PrivateAttr(default_factory=dict)
     _delegation_of: dict[str, Delegation] = PrivateAttr(default_factory=dict)
     _delegators_of: dict[str, tuple[str, ...]] = PrivateAttr(default_factory=dict)
+    # Source address -> trusted?: every INVITE asks about its source, one of a few phones and
+    # trunks, and parsing an address costs ~10 µs. Bounded; the config is immutable.
+    _trusted_cache: dict[str, bool] = PrivateAttr(default_factory=dict)
 
     @field_validator("domain", mode="before")
     @classmethod
@@ -618,8 +621,23 @@ class Config(_Model):
 
     def is_trusted(self, address: str | ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
         """True when ``address`` lies in one of the ``trusted`` networks."""
-        ip = ipaddress.ip_address(address) if isinstance(address, str) else address
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-            # A dual-stack socket reports IPv4 peers as ::ffff:a.b.c.d.
-            ip = ip.ipv4_mapped
-        return any(ip in network for network in self.trusted)
+        if not isinstance(address, str):
+            return _in_networks(self.trusted, address)
+        cache = self._trusted_cache
+        known = cache.get(address)
+        if known is None:
+            known = _in_networks(self.trusted, ipaddress.ip_address(address))
+            if len(cache) >= 4096:
+                cache.clear()
+            cache[address] = known
+        return known
+
+
+def _in_networks(
+    networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network],
+    ip: ipaddress.IPv4Address | ipaddress.IPv6Address,
+) -> bool:
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        # A dual-stack socket reports IPv4 peers as ::ffff:a.b.c.d.
+        ip = ip.ipv4_mapped
+    return any(ip in network for network in networks)

@@ -12,6 +12,7 @@ Building the authenticated requests (the client's work) is done outside the meas
     python scripts/bench_inproc.py --users 2000 --batch 4
     python scripts/bench_inproc.py --profile /tmp/reg.prof   # cProfile of the measured windows
     python scripts/bench_inproc.py --fork --calls 300        # INVITE in -> 16 forks queued
+    python scripts/bench_inproc.py --call --calls 1000       # CPU of a whole answered call
 
 `--fork`: a delegator (1001) with 15 delegates, one contact each (bindings put in directly),
 a trusted caller sends INVITEs one at a time; measured is the time from handing the INVITE to
@@ -330,6 +331,136 @@ async def run_fork(args: argparse.Namespace) -> None:
         os.system(f"rm -rf {tmp}")
 
 
+CALL_CONFIG = """\
+domain: 127.0.0.1
+listen: [udp:127.0.0.1:{port}]
+http: 127.0.0.1:{http}
+data_dir: {data_dir}
+media: {{address: 127.0.0.1, ports: 32000-32999}}
+trusted: ["127.0.0.1/32"]
+log: {{level: {level}, format: json}}
+users:
+  - {{extension: "2000", name: Callee, password: pw2000}}
+  - {{extension: "3000", name: Caller, password: pw3000}}
+"""
+PHONE = Address("udp", "127.0.0.1", 5900)
+
+
+def answer_for(invite: bytes, status: str, body: str = "") -> bytes:
+    """The phone's response to the forked INVITE (tag, Contact, SDP for the 200)."""
+    head = invite.split(b"\r\n\r\n", 1)[0]
+    lines = [m.group(0).rstrip(b"\r") for m in HEADER.finditer(head)]
+    lines = [ln + b";tag=phone" if ln.startswith(b"To:") else ln for ln in lines]
+    extra = b"Contact: <sip:2000@127.0.0.1:5900>\r\n"
+    if body:
+        extra += b"Content-Type: application/sdp\r\n"
+    return (
+        f"SIP/2.0 {status}\r\n".encode() + b"\r\n".join(lines) + b"\r\n" + extra
+        + f"Content-Length: {len(body)}\r\n\r\n{body}".encode()
+    )  # fmt: skip
+
+
+def response_to(request: bytes, status: str) -> bytes:
+    head = request.split(b"\r\n\r\n", 1)[0]
+    lines = [m.group(0).rstrip(b"\r") for m in HEADER.finditer(head)]
+    return f"SIP/2.0 {status}\r\n".encode() + b"\r\n".join(lines) + b"\r\nContent-Length: 0\r\n\r\n"
+
+
+def in_dialog(method: str, n: int, cseq: int, to_tag: str) -> bytes:
+    """The caller's ACK or BYE on the call's dialog (sent to the service's Contact)."""
+    return (
+        f"{method} sip:{LO}:{PORT};transport=udp SIP/2.0\r\n"
+        f"Via: SIP/2.0/UDP {LO}:5070;branch=z9hG4bK-{method}-{n}\r\n"
+        f'Max-Forwards: 70\r\nFrom: "Caller" <sip:3000@{LO}>;tag=c{n}\r\n'
+        f"To: <sip:2000@{LO}>;tag={to_tag}\r\nCall-ID: call-{n}@{LO}\r\n"
+        f"CSeq: {cseq} {method}\r\nContent-Length: 0\r\n\r\n"
+    ).encode()
+
+
+async def run_call(args: argparse.Namespace) -> None:
+    """INVITE -> 100, fork -> 180, 200 (SDP) -> ACK both ways, BYE -> 200: 14 messages."""
+    from softswitch.store import BindingRecord
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench_inproc."))
+    cfg_path = tmp / "softswitch.yaml"
+    cfg_path.write_text(
+        CALL_CONFIG.format(port=PORT, http=PORT + 1, data_dir=tmp / "var", level=args.log)
+    )
+    cfg = load_config(cfg_path)
+    log_file = (tmp / "log.jsonl").open("w")
+    sys.stderr = log_file
+    logs.configure(cfg.log.level, "json")
+    service = Service(cfg, cfg_path)
+    await service.start()
+    service.bindings.apply(
+        [
+            BindingRecord(
+                aor="2000", contact=f"<sip:2000@{LO}:5900>", uri=f"sip:2000@{LO}:5900",
+                expires_at=time.time() + 3600, call_id="reg2000", cseq=1,
+                source=f"udp:{LO}:5900", auth_user="2000",
+            )
+        ],
+        [],
+    )  # fmt: skip
+    inbox: dict[int, list[bytes]] = {5070: [], 5900: []}
+    arrived = asyncio.Event()
+
+    def send(data: bytes, dest: Address) -> None:
+        inbox.setdefault(dest.port, []).append(data)
+        arrived.set()
+
+    async def wait_for(port: int, prefix: bytes) -> bytes:
+        for _ in range(100):
+            for data in inbox[port]:
+                if data.startswith(prefix):
+                    inbox[port].remove(data)
+                    return data
+            arrived.clear()
+            await asyncio.wait_for(arrived.wait(), 5)
+        raise TimeoutError(prefix)
+
+    service.transports.send = send  # type: ignore[method-assign]
+    caller = Address("udp", LO, 5070)
+    handler = service._on_message
+    profiler = cProfile.Profile() if args.profile else None
+    cpu = 0.0
+    for n in range(args.calls):
+        invite = INVITE.format(port=PORT, n=n, length=len(SDP), sdp=SDP).encode()
+        invite = invite.replace(b"1001", b"2000").replace(b"fork-", b"call-")
+        for box in inbox.values():
+            box.clear()
+        if profiler:
+            profiler.enable()
+        c0 = time.thread_time()
+        handler(invite, caller)
+        fork = await wait_for(5900, b"INVITE ")
+        handler(answer_for(fork, "180 Ringing"), PHONE)
+        handler(answer_for(fork, "200 OK", SDP.replace("6000", "7000")), PHONE)
+        ok = await wait_for(5070, b"SIP/2.0 200")
+        tag = re.search(rb"^To: .*;tag=([^;\r]+)", ok, re.M).group(1).decode()  # type: ignore[union-attr]
+        handler(in_dialog("ACK", n, 1, tag), caller)
+        handler(in_dialog("BYE", n, 2, tag), caller)
+        bye = await wait_for(5900, b"BYE ")
+        handler(response_to(bye, "200 OK"), PHONE)
+        await wait_for(5070, b"SIP/2.0 200")
+        cpu += time.thread_time() - c0
+        if profiler:
+            profiler.disable()
+        await asyncio.sleep(0)
+    await service.stop()
+    log_file.close()
+    sys.stderr = sys.__stderr__
+    print(
+        f"{args.calls} answered calls (7 messages in, 7 out): main-thread CPU per call "
+        f"{cpu / args.calls * 1e6:.0f} µs"
+    )
+    if profiler:
+        profiler.dump_stats(args.profile)
+        print(f"profile: {args.profile}")
+    if not args.keep:
+        os.system(f"rm -rf {tmp}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--users", type=int, default=2000)
@@ -339,9 +470,10 @@ def main() -> None:
     ap.add_argument("--profile", help="write a cProfile of the measured windows here")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir")
     ap.add_argument("--fork", action="store_true", help="measure the 16-way fork instead")
-    ap.add_argument("--calls", type=int, default=300, help="--fork: calls, one at a time")
+    ap.add_argument("--call", action="store_true", help="measure an answered call instead")
+    ap.add_argument("--calls", type=int, default=300, help="--fork/--call: calls, one at a time")
     args = ap.parse_args()
-    coro = run_fork(args) if args.fork else run(args)
+    coro = run_fork(args) if args.fork else run_call(args) if args.call else run(args)
     if args.loop == "uvloop":
         import uvloop
 
