@@ -6,8 +6,10 @@ delivers from the other side. Sends are spread evenly over each 20 ms period, li
 The generator is scripts/rtpgen.c (built with gcc into a temporary directory at each run, so that
 it costs the relay's core little: sendmmsg/recvmmsg, ~2 us a packet) or, with --generator python,
 this process (which tops out around 70k packets/s, below 1,000 calls). Both count alike.
-Everything is bounded: N <= 10,000 calls, T <= 170 s, then a drain of at most 10 s; only
-127.0.0.1 is bound or sent to.
+Every run starts with a warm-up (--warmup, 3 s): media flows, the relay latches onto the
+phones, and nothing is counted; then T seconds are measured. Everything is bounded: N <= 10,000
+calls, warm-up <= 60 s, T <= 170 s, then a drain of at most 10 s; only 127.0.0.1 is bound or
+sent to.
 
 Reported per run: offered and relayed packets/s, loss (never delivered) and late packets
 (delivered more than 100 ms after they were sent: a jitter buffer would discard them), the
@@ -43,7 +45,7 @@ import sys
 import tempfile
 import time
 import tracemalloc
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -198,6 +200,7 @@ class Arrivals:
     late: int  # received more than LATE seconds after sending
     max_delay: float
     p99: float | None
+    send_errors: int = 0  # sends that failed (a full buffer): not sent, not counted
 
 
 class Phones:
@@ -218,6 +221,7 @@ class Phones:
         self.packets = [self._template(i) for i in range(self.streams)]
         self.received = self.bad = self.late = 0
         self.max_delay = 0.0
+        self.counted_from = 0.0  # packets sent earlier (the warm-up) are not counted
         self._poll = select.poll()
         for sock in self.socks:
             self._poll.register(sock, select.POLLIN)
@@ -236,8 +240,11 @@ class Phones:
     def _template(i: int) -> bytearray:
         return bytearray(RtpPacket(0, False, 0, 0, 0x10000 + i, b"\xff" * PAYLOAD).serialize())
 
-    def run(self, relay_ports: list[int], seconds: float) -> tuple[int, float]:
-        """Send 50 packets/s per phone for `seconds`, receiving meanwhile.
+    def run(
+        self, relay_ports: list[int], warmup: float, seconds: float, on_start: Callable[[], None]
+    ) -> tuple[int, float]:
+        """Send 50 packets/s per phone for `warmup` + `seconds`, receiving meanwhile; call
+        `on_start` when the measured window starts, and count only what is sent from then on.
 
         If the generator falls behind (CPU), it sends late rather than skipping: every packet
         of the schedule is sent, and offered packets/s comes out lower than nominal. Returns
@@ -249,10 +256,16 @@ class Phones:
         sent = seq = 0
         lag = 0.0
         start = time.monotonic()
-        while (tick := start + seq * period) < start + seconds:
+        window = start + warmup
+        self.counted_from = float("inf")  # nothing counts before the window starts
+        started = False
+        while (tick := start + seq * period) < window + seconds:
             for slot in range(SLOTS):
                 due = tick + slot * period / SLOTS
                 self.drain_until(due)
+                if not started and due >= window:  # stamps from now on are in the window
+                    on_start()
+                    started, sent, lag, self.counted_from = True, 0, 0.0, time.monotonic()
                 lag = max(lag, time.monotonic() - due)
                 sent += self._send(slot * per_slot, (slot + 1) * per_slot, targets, seq)
             seq += 1
@@ -281,7 +294,7 @@ class Phones:
         """Receive and count until monotonic time `due`; at least one pass even if late."""
         poll, recv, buf, unpack_from = self._poll, self._recv, self._buf, STAMP.unpack_from
         received = bad = late = 0
-        max_delay = self.max_delay
+        max_delay, counted_from = self.max_delay, self.counted_from
         while True:
             timeout_ms = max(0.0, due - time.monotonic()) * 1000
             for fd, _ in poll.poll(timeout_ms):
@@ -291,9 +304,12 @@ class Phones:
                         n = recv_into(buf)
                     except BlockingIOError:
                         break
+                    stamp = unpack_from(buf, 2)[3]
+                    if stamp < counted_from:
+                        continue
                     received += 1
                     bad += n != PAYLOAD + 12
-                    delay = now - unpack_from(buf, 2)[3]
+                    delay = now - stamp
                     if delay > max_delay:
                         max_delay = delay
                     if delay > LATE:
@@ -326,8 +342,8 @@ class CPhones:
         self.proc: subprocess.Popen[str] | None = None
         self._pin = pin
 
-    def start(self, seconds: float) -> None:
-        cmd = [*self._cmd, "--seconds", str(seconds)]
+    def start(self, warmup: float, seconds: float) -> None:
+        cmd = [*self._cmd, "--warmup", str(warmup), "--seconds", str(seconds)]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         if self._pin:
             os.sched_setaffinity(self.proc.pid, {1})
@@ -351,17 +367,23 @@ class CPhones:
         answer: dict[str, Any] = json.loads(line)
         return answer
 
-    def run(self, relay_ports: list[int], seconds: float) -> tuple[int, float]:
+    def run(
+        self, relay_ports: list[int], warmup: float, seconds: float, on_start: Callable[[], None]
+    ) -> tuple[int, float]:
         assert self.proc is not None and self.proc.stdin is not None
         self.proc.stdin.write(" ".join(map(str, relay_ports)) + "\n")
         self.proc.stdin.flush()
+        self._read(warmup + 30)  # {"warm": ...}: the measured window starts
+        on_start()
         done = self._read(seconds + 30)
         return int(done["sent"]), float(done["max_lag"])
 
     def finish(self, relay: Relay, sent: int, rx0: int) -> Arrivals:
         """rtpgen drains by itself (until all arrived, 1 s of silence, or 10 s)."""
         r = self._read(15)
-        return Arrivals(r["received"], r["bad"], r["late"], r["max_delay"], r["p99"])
+        return Arrivals(
+            r["received"], r["bad"], r["late"], r["max_delay"], r["p99"], r["send_errors"]
+        )
 
     def close(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -383,6 +405,13 @@ def _proc_cpu(pid: int) -> tuple[float, float]:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
+
+
+def _cpu_snapshot(
+    relay: int, generator: int
+) -> tuple[tuple[float, float], tuple[float, float], float, float, float]:
+    """CPU of the relay and the generator, of the machine and this process, and the time."""
+    return _proc_cpu(relay), _proc_cpu(generator), _machine_busy(), _own(), time.monotonic()
 
 
 def _udp_drops(ports: set[int]) -> int:
@@ -461,7 +490,7 @@ def run_one(args: argparse.Namespace, loop: str, calls: int) -> Result:
     phones: Phones | CPhones
     if args.rtpgen:
         phones = CPhones(args.rtpgen, calls, args.sockets, args.pin)
-        phones.start(args.seconds)
+        phones.start(args.warmup, args.seconds)
     else:
         phones = Phones(calls, args.sockets)
     relay = Relay(args, loop)
@@ -475,27 +504,21 @@ def run_one(args: argparse.Namespace, loop: str, calls: int) -> Result:
                 [_py_spy(), "record", "--format", "raw", "-o", args.py_spy, "-r", "200",
                  "-d", str(int(args.seconds)), "-p", str(relay.pid)]
             )  # fmt: skip
+        # Reading /proc/net/udp takes seconds when 8,000 sockets are busy: only outside the load
+        # (so the drops counted include the warm-up's).
         drops0 = _udp_drops(set(relay_ports)), _udp_drops(set(phones.ports))
-        rx0 = relay.rx()
-        cpu0, gen0, busy0, own0 = (
-            _proc_cpu(relay.pid),
-            _proc_cpu(phones.pid),
-            _machine_busy(),
-            _own(),
-        )
-        t0 = time.monotonic()
-        sent, lag = phones.run(relay_ports, args.seconds)
+        at_start: list[Any] = []
+
+        def on_start() -> None:  # the measured window starts (after the warm-up)
+            at_start[:] = [_cpu_snapshot(relay.pid, phones.pid), relay.rx()]
+
+        sent, lag = phones.run(relay_ports, args.warmup, args.seconds, on_start)
         t1 = time.monotonic()
+        (cpu0, gen0, busy0, own0, t0), rx0 = at_start
         got = phones.finish(relay, sent, rx0)
         # CPU up to the end of the drain: a relay that fell behind relays its backlog after
         # the load window, and that work belongs to the packets too.
-        cpu1, gen1, busy1, own1 = (
-            _proc_cpu(relay.pid),
-            _proc_cpu(phones.pid),
-            _machine_busy(),
-            _own(),
-        )
-        t2 = time.monotonic()
+        cpu1, gen1, busy1, own1, t2 = _cpu_snapshot(relay.pid, phones.pid)
         relay_rx = relay.rx() - rx0
         drops = _udp_drops(set(relay_ports)) - drops0[0], _udp_drops(set(phones.ports)) - drops0[1]
         relay.stop()
@@ -506,13 +529,19 @@ def run_one(args: argparse.Namespace, loop: str, calls: int) -> Result:
         if isinstance(phones, CPhones):  # this process, mostly waiting for rtpgen, counts too
             gen_cpu += own1 - own0
         others = max(0.0, busy1 - busy0 - sum(relay_cpu) - gen_cpu)
+        # After a warm-up the relay's count is read a few ms into the window, so comparing it
+        # with `sent` would only measure that delay; the kernel's drop counters are exact.
+        unseen = sent - relay_rx if not args.warmup else 0
         counts = (
             (got.bad, "bad packets"),
-            (sent - relay_rx, "never reached the relay"),
-            (drops[0], "relay rcvbuf drops"),
-            (drops[1], "phone rcvbuf drops"),
+            (got.send_errors, "failed sends"),
+            (unseen, "never reached the relay"),
+            (drops[0], "relay rcvbuf drops (warm-up included)"),
+            (drops[1], "phone rcvbuf drops (warm-up included)"),
         )
-        notes = [f"{n} {what}" for n, what in counts if n]
+        notes = [f"{n} {what}" for n, what in counts if n > 0]
+        if abs(t1 - t0 - args.seconds) > 0.05 * args.seconds:
+            notes.append(f"window {t1 - t0:.2f} s")
         return Result(
             loop, calls, t1 - t0, t2 - t0, sent, got.received, got.late, got.max_delay, got.p99,
             lag, relay_rx, relay_cpu, gen_cpu, others, setup["memory"], notes,
@@ -605,6 +634,10 @@ def main() -> None:
     )
     parser.add_argument("--seconds", type=float, default=10.0, help="per run, at most 170")
     parser.add_argument(
+        "--warmup", type=float, default=3.0,
+        help="seconds of media before the measured window (latching, start-up), at most 60",
+    )  # fmt: skip
+    parser.add_argument(
         "--generator", choices=["c", "python"], default="c",
         help="c: scripts/rtpgen.c, built with gcc at run time (default); python: in-process",
     )  # fmt: skip
@@ -630,8 +663,8 @@ def main() -> None:
         return
     if max(args.calls) * 4 > high - low + 1:
         parser.error(f"--ports {args.ports} is too small for {max(args.calls)} calls")
-    if not 0 < args.seconds <= 170 or max(args.calls) > 10_000:
-        parser.error("at most 170 s per run and 10,000 calls")
+    if not 0 < args.seconds <= 170 or not 0 <= args.warmup <= 60 or max(args.calls) > 10_000:
+        parser.error("at most 170 s per run, 60 s of warm-up and 10,000 calls")
     if args.setup:
         setup_bench(args)
         return
@@ -645,8 +678,8 @@ def main() -> None:
 def bench(args: argparse.Namespace) -> None:
     pinning = "relay on CPU 0, generator on CPU 1" if args.pin else "not pinned"
     print(
-        f"{os.cpu_count()} CPUs, {pinning}, {args.seconds:g} s per run, G.711 50 pps/stream, "
-        f"{args.generator} generator with {args.sockets} sockets"
+        f"{os.cpu_count()} CPUs, {pinning}, {args.warmup:g} s warm-up + {args.seconds:g} s per "
+        f"run, G.711 50 pps/stream, {args.generator} generator with {args.sockets} sockets"
     )
     print(LEGEND)
     print(HEADER, flush=True)

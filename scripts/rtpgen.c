@@ -15,14 +15,18 @@
  * Protocol (one JSON object per line on stdout, one line on stdin):
  *   out: {"ports": [...]}            the K local ports (phone i's source port is ports[i % K])
  *   in:  P0 P1 ... P(2N-1)           the relay port each phone sends to
+ *   out: {"warm": n}                 after --warmup s of sending (n packets; at once without
+ *                                    one): the measured window starts, and only packets sent
+ *                                    from then on are counted (sent, lost, late)
  *   out: {"sent": n, "elapsed": s, "max_lag": s}      when the sending stops
  *   out: {"received": ..., ...}      after a drain: until every sent packet is back, nothing
  *                                    arrived for 1 s, or 10 s passed
- * Everything is bounded: at most 10,000 calls, 170 s of load, one line of input, 127.0.0.1
- * only, and an alarm ends the process 30 s after the load should have ended.
+ * Everything is bounded: at most 10,000 calls, 60 s of warm-up and 170 s of measured load, one
+ * line of input, 127.0.0.1 only, and an alarm ends the process 60 s after the load should have
+ * ended.
  *
  *   gcc -O2 -Wall -o rtpgen scripts/rtpgen.c
- *   rtpgen --calls 1000 --seconds 10 [--sockets 16] [--late-ms 100]
+ *   rtpgen --calls 1000 --seconds 10 [--warmup 3] [--sockets 16] [--late-ms 100]
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -56,8 +60,9 @@ static struct phone *phones;
 static int *fds;
 static int nsock, streams;
 static uint64_t hist[HIST_BUCKETS];
-static uint64_t received, bad, late, send_errors;
+static uint64_t arrived, received, bad, late, send_errors;
 static double max_delay, late_after = 0.1;
+static double counted_from; /* packets sent before this (the warm-up) are not counted */
 
 static double now(void)
 {
@@ -118,11 +123,16 @@ static void init_phone(int i, int relay_port)
     ph->relay.sin_port = htons(relay_port);
 }
 
-/* Count one arrival, as bench_rtp.py's Python generator does (bad size still counts). */
+/* Count one arrival, as bench_rtp.py's Python generator does (bad size still counts),
+ * unless it was sent during the warm-up. */
 static void count(const unsigned char *buf, ssize_t len, double t)
 {
-    double delay = len >= 20 ? t - get_double_be(buf + 12) : 0.0;
+    double stamp = len >= 20 ? get_double_be(buf + 12) : t;
+    double delay = t - stamp;
     long bucket = (long)(delay * 10000.0);
+    arrived++;
+    if (stamp < counted_from)
+        return;
     received++;
     bad += len != PACKET;
     if (delay > late_after)
@@ -253,7 +263,7 @@ static void read_relay_ports(void)
 int main(int argc, char **argv)
 {
     int calls = 100;
-    double seconds = 10.0;
+    double seconds = 10.0, warmup = 0.0;
     nsock = 16;
     for (int i = 1; i + 1 < argc; i += 2) {
         if (!strcmp(argv[i], "--calls"))
@@ -264,17 +274,20 @@ int main(int argc, char **argv)
             nsock = atoi(argv[i + 1]);
         else if (!strcmp(argv[i], "--late-ms"))
             late_after = atof(argv[i + 1]) / 1000.0;
+        else if (!strcmp(argv[i], "--warmup"))
+            warmup = atof(argv[i + 1]);
         else {
             fprintf(stderr, "rtpgen: unknown option %s\n", argv[i]);
             return 2;
         }
     }
-    if (calls < 1 || calls > MAX_CALLS || !(seconds > 0 && seconds <= MAX_SECONDS) || nsock < 1) {
-        fprintf(stderr, "rtpgen: need 1..%d calls, 0..%g s, >= 1 socket\n", MAX_CALLS,
-                MAX_SECONDS);
+    if (calls < 1 || calls > MAX_CALLS || !(seconds > 0 && seconds <= MAX_SECONDS) || nsock < 1 ||
+        !(warmup >= 0 && warmup <= 60)) {
+        fprintf(stderr, "rtpgen: need 1..%d calls, 0..%g s, 0..60 s of warm-up, >= 1 socket\n",
+                MAX_CALLS, MAX_SECONDS);
         return 2;
     }
-    alarm((unsigned)seconds + 60); /* input, load, drain: never more than this */
+    alarm((unsigned)(warmup + seconds) + 60); /* input, load, drain: never more than this */
     streams = 2 * calls;
     if (nsock > streams)
         nsock = streams;
@@ -293,28 +306,40 @@ int main(int argc, char **argv)
 
     int per_slot = (streams + SLOTS - 1) / SLOTS;
     double period = 1.0 / PPS, start = now(), max_lag = 0.0, tick;
+    double stop = start + warmup + seconds, window = start + warmup;
     uint64_t sent = 0;
-    for (uint32_t seq = 0; (tick = start + seq * period) < start + seconds; seq++) {
+    int warm = warmup == 0;
+    counted_from = warm ? start : 1e300; /* nothing counts before the window starts */
+    if (warm)
+        printf("{\"warm\": 0}\n"), fflush(stdout);
+    for (uint32_t seq = 0; (tick = start + seq * period) < stop; seq++) {
         for (int slot = 0; slot < SLOTS; slot++) {
             double due = tick + slot * period / SLOTS;
             drain_until(due, pfds);
+            if (!warm && due >= window) { /* the measured window starts here */
+                printf("{\"warm\": %llu}\n", (unsigned long long)sent);
+                fflush(stdout);
+                /* Packets are stamped when they leave: those stamped before now were sent
+                 * during the warm-up, however late the generator was. */
+                warm = 1, sent = 0, max_lag = 0.0, window = counted_from = now();
+            }
             double lag = now() - due;
             if (lag > max_lag)
                 max_lag = lag;
             sent += send_slot(slot * per_slot, (slot + 1) * per_slot, seq);
         }
     }
-    double elapsed = now() - start;
+    double elapsed = now() - window;
     printf("{\"sent\": %llu, \"elapsed\": %.6f, \"max_lag\": %.6f}\n", (unsigned long long)sent,
            elapsed, max_lag);
     fflush(stdout);
 
     double end = now() + 10.0, last_rx = now();
-    uint64_t before = received;
+    uint64_t before = arrived;
     while (received < sent && now() < end && now() - last_rx < 1.0) {
         drain_until(now() + 0.05, pfds);
-        if (received != before)
-            last_rx = now(), before = received;
+        if (arrived != before)
+            last_rx = now(), before = arrived;
     }
     printf("{\"received\": %llu, \"bad\": %llu, \"late\": %llu, \"send_errors\": %llu, "
            "\"max_delay\": %.6f, \"p50\": %.4f, \"p99\": %.4f, \"p999\": %.4f}\n",
