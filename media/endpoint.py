@@ -64,6 +64,9 @@ PacketHandler = Callable[[bytes], None]
 RTP_RELATCH_AFTER = 2.0
 RTCP_RELATCH_AFTER = 12.0
 
+DRAIN = 8
+"""Packets a peer socket reads per readiness event when the relay is behind (media/poller.py)."""
+
 RECV_SIZE = 65536
 """Read buffer per packet: the largest UDP payload, so that no packet is ever cut short (the
 bytes object is shrunk to the packet's size, so this costs no memory per packet)."""
@@ -155,6 +158,19 @@ class RtpSocket:
         handler = self.on_packet
         handler(data)
 
+    def _drain_peer(self) -> None:
+        """`_read_peer` for when the relay is behind: up to `DRAIN` packets in one go."""
+        recv = self._recv
+        for _ in range(DRAIN):
+            try:
+                data = recv(RECV_SIZE)
+            except OSError:
+                return
+            self.rx_packets += 1
+            self.rx_bytes += len(data)
+            handler = self.on_packet
+            handler(data)
+
     def _read_listener(self) -> None:
         """One packet before the latch, from a stranger, or queued before the peer socket."""
         try:
@@ -231,7 +247,7 @@ class RtpSocket:
         except OSError:  # no fast path for this source: the listener reads everything
             return
         self._peer = peer
-        poller.add(peer.fileno(), self._read_peer)
+        poller.add(peer.fileno(), self._read_peer, self._drain_peer)
         self._connect(peer, source)
 
     def _connect(self, peer: socket.socket, addr: Address) -> None:

@@ -31,38 +31,44 @@ Handler = Callable[[], None]
 class Poller:
     """Calls `handler()` whenever its socket is readable; bound to one running loop."""
 
-    __slots__ = ("_epoll", "_handlers", "_later", "_later_handle", "_loop")
+    __slots__ = ("_drainers", "_epoll", "_handlers", "_later", "_later_handle", "_loop")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         # Indexed by fd (a list: cheaper per packet than a dict), None where nothing is watched.
         self._handlers: list[Handler | None] = []
+        self._drainers: list[Handler | None] = []  # used when behind: see `_dispatch`
         self._later: deque[Handler] = deque()
         self._later_handle: asyncio.Handle | None = None
         self._epoll = select.epoll() if hasattr(select, "epoll") else None
         if self._epoll is not None:
-            loop.add_reader(self._epoll.fileno(), _dispatch, self._epoll.poll, self._handlers)
+            loop.add_reader(
+                self._epoll.fileno(), _dispatch, self._epoll.poll, self._handlers, self._drainers
+            )
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
         return self._loop
 
-    def add(self, fd: int, handler: Handler) -> None:
+    def add(self, fd: int, handler: Handler, drainer: Handler | None = None) -> None:
+        """Watch `fd`: `handler` reads one packet, `drainer` (if given) several."""
         if self._epoll is None:
             self._loop.add_reader(fd, handler)
             return
-        handlers = self._handlers
+        handlers, drainers = self._handlers, self._drainers
         if fd >= len(handlers):
             handlers.extend([None] * (fd + 1 - len(handlers)))
+            drainers.extend([None] * (fd + 1 - len(drainers)))
         self._epoll.register(fd, select.EPOLLIN)
         handlers[fd] = handler
+        drainers[fd] = drainer or handler
 
     def remove(self, fd: int) -> None:
         """Stop watching `fd`; call it before closing the socket. Idempotent."""
         if self._epoll is None:
             self._loop.remove_reader(fd)
         elif fd < len(self._handlers) and self._handlers[fd] is not None:
-            self._handlers[fd] = None
+            self._handlers[fd] = self._drainers[fd] = None
             self._epoll.unregister(fd)
 
     def later(self, job: Handler) -> None:
@@ -91,11 +97,20 @@ class Poller:
 
 
 def _dispatch(
-    poll: Callable[[float, int], list[tuple[int, int]]], handlers: list[Handler | None]
+    poll: Callable[[float, int], list[tuple[int, int]]],
+    handlers: list[Handler | None],
+    drainers: list[Handler | None],
 ) -> None:
     """The loop callback: run the handler of every ready socket (a handler may close sockets,
-    so one closed during this batch is skipped)."""
-    for fd, _ in poll(0, BATCH):
-        handler = handlers[fd]
+    so one closed during this batch is skipped).
+
+    A full batch means the relay is behind: sockets then hold several packets each, and their
+    drainers read them in one go instead of one epoll round per packet. Otherwise a socket
+    rarely holds two, and trying for a second would cost a failed system call and an exception.
+    """
+    events = poll(0, BATCH)
+    table = drainers if len(events) == BATCH else handlers
+    for fd, _ in events:
+        handler = table[fd]
         if handler is not None:
             handler()

@@ -583,3 +583,19 @@ async def test_the_announced_address_takes_the_latch_back_at_once() -> None:
     ep.rtp.datagram_received(b"x", old)
     assert ep.rtp.source == new  # and the old one cannot steal it back
     ep.close()
+
+
+def test_the_poller_drains_sockets_only_when_behind() -> None:
+    """A full batch of ready sockets means the relay is behind: each socket then gets its
+    drainer (several packets), otherwise its one-packet handler."""
+    from media.poller import BATCH, _dispatch
+
+    calls: list[str] = []
+    handlers: list[Callable[[], None] | None] = [lambda: calls.append("one"), None]
+    drainers: list[Callable[[], None] | None] = [lambda: calls.append("many"), None]
+
+    _dispatch(lambda timeout, most: [(0, 1), (1, 1)], handlers, drainers)  # fd 1: closed
+    assert calls == ["one"]
+    calls.clear()
+    _dispatch(lambda timeout, most: [(0, 1)] * BATCH, handlers, drainers)
+    assert calls == ["many"] * BATCH
