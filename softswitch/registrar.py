@@ -12,6 +12,7 @@ then 403), so a scanner cannot enumerate extensions.
 from __future__ import annotations
 
 import functools
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from email.utils import formatdate
@@ -195,7 +196,11 @@ class Registrar:
         header_expires = req.expires
         upserts: list[BindingRecord] = []
         deletes: list[BindingKey] = []
-        user_agent = req.headers.get("user-agent") or ""
+        # Strings shared by many bindings are stored once: the same phone model's User-Agent,
+        # and the user who authenticated, which is usually the AoR itself (~100 B a binding).
+        user_agent = sys.intern(req.headers.get("user-agent") or "")
+        if user == aor:
+            user = aor
         for contact in contacts:
             expires = self._expires_for(contact, header_expires)
             if 0 < expires < self.policy.min_expires:

@@ -128,7 +128,7 @@ class Dialog:
         return self.remote_target, list(self.route_set)
 
 
-@functools.lru_cache(maxsize=4096)
+@functools.lru_cache(maxsize=1024)
 def _without_tag(value: str) -> str:
     """A From/To value without its tag, re-serialised. Cached: both dialogs of a call and
     every in-dialog request see the same few values, and re-formatting costs ~10 µs."""

@@ -288,9 +288,13 @@ _VIA = re.compile(
 # come back within seconds (the authenticated retry of a REGISTER, every response and in-dialog
 # request of a call, our own Via in the responses to our requests), and the values are frozen,
 # so a hit is shared. Only successful parses are kept; a full cache is emptied (bounded, no LRU).
+# Sizes: a received request's Via is new each time (its branch), so only the responses to our
+# own requests hit the Via cache; a few hundred entries cover the transactions in flight. Both
+# stay small because every entry also counts against the memory per binding (issue 2's aim).
 _NAME_ADDRS: dict[str, NameAddr] = {}
 _VIAS: dict[str, Via] = {}
-_CACHE_MAX = 4096
+_NAME_ADDRS_MAX = 1024
+_VIAS_MAX = 256
 
 
 def parse_via(text: str) -> Via:
@@ -298,7 +302,7 @@ def parse_via(text: str) -> Via:
     via = _VIAS.get(text)
     if via is None:
         via = _parse_via(text)
-        if len(_VIAS) >= _CACHE_MAX:
+        if len(_VIAS) >= _VIAS_MAX:
             _VIAS.clear()
         _VIAS[text] = via
     return via
@@ -427,7 +431,7 @@ def parse_name_addr(text: str) -> NameAddr:
     value = _NAME_ADDRS.get(text)
     if value is None:
         value = _parse_name_addr(text)
-        if len(_NAME_ADDRS) >= _CACHE_MAX:
+        if len(_NAME_ADDRS) >= _NAME_ADDRS_MAX:
             _NAME_ADDRS.clear()
         _NAME_ADDRS[text] = value
     return value
