@@ -17,7 +17,7 @@ it back only if the stranger stops. Silence is measured without a clock read per
 first foreign packet starts a probe, and the socket re-latches if no latched packet arrived
 during the `relatch_after` seconds that followed.
 
-How the packets are read (D13 in docs/decisions.md). Sockets are read through the manager's
+How the packets are read (D14 in docs/decisions.md). Sockets are read through the manager's
 `Poller` (one epoll set for all of them, one reader on the event loop: see media/poller.py),
 one packet per readiness event. Each port is a bound, unconnected socket (the *listener*) read
 with `recvfrom`: every packet before the latch, and strangers' after it, arrive there and go
