@@ -308,6 +308,11 @@ def parse_via(text: str) -> Via:
     return via
 
 
+def parse_via_uncached(text: str) -> Via:
+    """`parse_via` without the cache (values that will not come back)."""
+    return _parse_via(text)
+
+
 def _parse_via(text: str) -> Via:
     m = _VIA.fullmatch(text)
     if m is None:
@@ -435,6 +440,11 @@ def parse_name_addr(text: str) -> NameAddr:
             _NAME_ADDRS.clear()
         _NAME_ADDRS[text] = value
     return value
+
+
+def parse_name_addr_uncached(text: str) -> NameAddr:
+    """`parse_name_addr` without the cache (values that will not come back)."""
+    return _parse_name_addr(text)
 
 
 def _parse_name_addr(text: str) -> NameAddr:

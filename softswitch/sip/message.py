@@ -21,8 +21,10 @@ from .headers import (
     header_key,
     parse_cseq,
     parse_name_addr,
+    parse_name_addr_uncached,
     parse_uint,
     parse_via,
+    parse_via_uncached,
     split_list,
 )
 from .syntax import WS, is_token
@@ -365,8 +367,9 @@ def _check(msg: SipMessage, fields: dict[str, list[str]]) -> None:
         if name not in fields:
             raise ParseError(f"missing {name} header")
     cache = h._cache
+    views = _REGISTER_VIEWS if isinstance(msg, Request) and msg.method == "REGISTER" else _VIEWS
     for key, values in fields.items():
-        view = _VIEWS.get(key)
+        view = views.get(key)
         if view is not None and key not in cache:
             cache[key] = view(values)
     call_ids = fields["call-id"]
@@ -438,6 +441,40 @@ _VIEWS: dict[str, Callable[[list[str]], object]] = {
     "contact": _contacts_from,
     "expires": _expires_from,
     "max-forwards": _max_forwards_from,
+}
+
+
+# A REGISTER's From, To, Contact and Via are parsed without the by-text caches: across a
+# registration burst they are unique per phone (and the Via per transaction), so caching them
+# would only evict the entries calls reuse, and keep ~1,000 dead objects per cache alive.
+def _name_addr_uncached(values: list[str]) -> NameAddr:
+    if len(values) != 1:
+        raise ParseError("exactly one From/To header is required")
+    return parse_name_addr_uncached(values[0])
+
+
+def _contacts_uncached(values: list[str]) -> list[NameAddr]:
+    contacts = split_list(values)
+    if contacts == ["*"]:
+        return []
+    if "*" in contacts:
+        raise ParseError("Contact: * mixed with other contacts")
+    return [parse_name_addr_uncached(v) for v in contacts]
+
+
+def _vias_uncached(values: list[str]) -> list[Via]:
+    vias = [parse_via_uncached(v) for v in split_list(values)]
+    if not vias:
+        raise ParseError("missing Via")
+    return vias
+
+
+_REGISTER_VIEWS = {
+    **_VIEWS,
+    "from": _name_addr_uncached,
+    "to": _name_addr_uncached,
+    "contact": _contacts_uncached,
+    "via": _vias_uncached,
 }
 _MANDATORY = ("via", "from", "to", "call-id", "cseq")
 _CHECKED = frozenset((*_VIEWS, *_MANDATORY, "date", "content-length"))
