@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import resource
 import sys
 from collections.abc import Coroutine
 from pathlib import Path
@@ -57,6 +58,7 @@ def run_service(config_path: Path | None) -> int:
             print(issue, file=sys.stderr)
         return 1
     logs.configure(cfg.log.level, cfg.log.format)
+    _raise_fd_limit()
     service = Service(cfg, path, data_dir_base=Path.cwd() if embedded else None)
     try:
         return _run(service.run_forever())
@@ -65,6 +67,25 @@ def run_service(config_path: Path | None) -> int:
         return 1
     except KeyboardInterrupt:
         return 0
+
+
+FD_LIMIT_WANTED = 65536
+
+
+def _raise_fd_limit() -> None:
+    """Lift the soft limit on open files towards the hard one.
+
+    Each relayed call holds up to 8 sockets (RTP and RTCP for two legs, each with a connected
+    twin once latched), so the usual soft limit of 1,024 would cap the service near 120 calls
+    with EMFILE on bind. Raising the soft limit up to the hard one needs no privilege.
+    """
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        wanted = FD_LIMIT_WANTED if hard == resource.RLIM_INFINITY else min(hard, FD_LIMIT_WANTED)
+        if soft != resource.RLIM_INFINITY and soft < wanted:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+    except (OSError, ValueError):  # pragma: no cover - a sandbox that forbids it
+        pass
 
 
 def _run(main: Coroutine[Any, Any, int]) -> int:
