@@ -151,8 +151,16 @@ class DigestAuthenticator:
     # --- challenges ---------------------------------------------------------------------
     def new_nonce(self, now: float) -> str:
         stamp = struct.pack("!Q", int(now * 1000)) + random_bytes(8)
-        mac = hmac.digest(self._secret, stamp, "sha256")[:12]  # one-shot: OpenSSL's C path
+        mac = self._mac(stamp)
         return base64.urlsafe_b64encode(stamp + mac).decode("ascii")
+
+    def _mac(self, stamp: bytes) -> bytes:
+        """The nonce's authenticator: keyed BLAKE2b (a MAC by design, RFC 7693 §2.9), 96 bits.
+
+        HMAC-SHA256 through OpenSSL 3 cost 4-30 µs a call in the service (the digest is fetched
+        by name each time); hashlib's own BLAKE2 costs ~1.3 µs, and a REGISTER needs two.
+        """
+        return hashlib.blake2b(stamp, key=self._secret, digest_size=12).digest()
 
     def challenges(self, now: float, stale: bool = False) -> list[str]:
         """One `Digest` challenge per algorithm, in order of preference (RFC 8760 §2.4)."""
@@ -202,7 +210,7 @@ class DigestAuthenticator:
         if len(raw) != 28:
             return False
         stamp, mac = raw[:16], raw[16:]
-        if not hmac.compare_digest(hmac.digest(self._secret, stamp, "sha256")[:12], mac):
+        if not hmac.compare_digest(self._mac(stamp), mac):
             return False
         issued: float = struct.unpack("!Q", stamp[:8])[0] / 1000
         return 0 <= now - issued <= self.nonce_ttl
