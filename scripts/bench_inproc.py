@@ -29,12 +29,14 @@ import argparse
 import asyncio
 import cProfile
 import hashlib
-import os
 import re
+import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import IO
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -43,7 +45,7 @@ from softswitch import logs
 from softswitch.service import Service
 from softswitch.sip.transaction import Address
 
-PORT = 15990
+PORT = 15990  # below the ephemeral range, like the media ports: e2e tests take theirs there
 LO = "127.0.0.1"
 FIRST = 200000
 
@@ -52,7 +54,7 @@ domain: 127.0.0.1
 listen: [udp:127.0.0.1:{port}]
 http: 127.0.0.1:{http}
 data_dir: {data_dir}
-media: {{address: 127.0.0.1, ports: 30000-30099}}
+media: {{address: 127.0.0.1, ports: 23000-23099}}
 auth: {{algorithms: [MD5], max_failures: 1000000}}
 log: {{level: {level}, format: json}}
 users:
@@ -74,6 +76,14 @@ REGISTER = (
 )
 
 NONCE = re.compile(rb'nonce="([^"]+)"')
+
+
+def finish(tmp: Path, args: argparse.Namespace, profiler: cProfile.Profile | None) -> None:
+    if profiler:
+        profiler.dump_stats(args.profile)
+        print(f"profile: {args.profile}")
+    if not args.keep:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def register(n: int, cseq: int, auth: str = "") -> bytes:
@@ -172,26 +182,27 @@ async def run(args: argparse.Namespace) -> None:
         f"client: main thread {main_cpu / done * 1e6:.0f} µs, other threads "
         f"{(proc_cpu - main_cpu) / done * 1e6:.0f} µs"
     )
-    if profiler:
-        profiler.dump_stats(args.profile)
-        print(f"profile: {args.profile}")
-    if not args.keep:
-        os.system(f"rm -rf {tmp}")
+    finish(tmp, args, profiler)
 
 
-FORK_CONFIG = """\
+CALLS_HEAD = """\
 domain: 127.0.0.1
 listen: [udp:127.0.0.1:{port}]
 http: 127.0.0.1:{http}
 data_dir: {data_dir}
-media: {{address: 127.0.0.1, ports: 32000-32999}}
+media: {{address: 127.0.0.1, ports: 23100-23999}}
 trusted: ["127.0.0.1/32"]
 log: {{level: {level}, format: json}}
 users:
+"""
+FORK_CONFIG = (
+    CALLS_HEAD
+    + """\
 {users}
 delegations:
   - {{delegator: "1001", delegates: [{delegates}]}}
 """
+)
 
 INVITE = (
     "INVITE sip:1001@127.0.0.1:{port} SIP/2.0\r\n"
@@ -234,27 +245,33 @@ def ack_for(n: int, final: bytes) -> bytes:
     )
 
 
-async def run_fork(args: argparse.Namespace) -> None:
-    from softswitch.store import BindingRecord
-
+async def start_service(config: Callable[[Path], str]) -> tuple[Path, Service, IO[str]]:
+    """A started service on the config `config(data_dir)`, logging JSON to a file."""
     tmp = Path(tempfile.mkdtemp(prefix="bench_inproc."))
     cfg_path = tmp / "softswitch.yaml"
-    exts = [str(1001 + i) for i in range(16)]
-    users = "\n".join(
-        f'  - {{extension: "{u}", name: User {u}, password: pw{u}}}' for u in [*exts, "3000"]
-    )
-    cfg_path.write_text(
-        FORK_CONFIG.format(
-            port=PORT, http=PORT + 1, data_dir=tmp / "var", level=args.log, users=users,
-            delegates=", ".join(f'"{u}"' for u in exts[1:]),
-        )
-    )  # fmt: skip
+    cfg_path.write_text(config(tmp / "var"))
     cfg = load_config(cfg_path)
     log_file = (tmp / "log.jsonl").open("w")
     sys.stderr = log_file
     logs.configure(cfg.log.level, "json")
     service = Service(cfg, cfg_path)
     await service.start()
+    return tmp, service, log_file
+
+
+async def run_fork(args: argparse.Namespace) -> None:
+    from softswitch.store import BindingRecord
+
+    exts = [str(1001 + i) for i in range(16)]
+    users = "\n".join(
+        f'  - {{extension: "{u}", name: User {u}, password: pw{u}}}' for u in [*exts, "3000"]
+    )
+    tmp, service, log_file = await start_service(
+        lambda data_dir: FORK_CONFIG.format(
+            port=PORT, http=PORT + 1, data_dir=data_dir, level=args.log, users=users,
+            delegates=", ".join(f'"{u}"' for u in exts[1:]),
+        )
+    )  # fmt: skip
     service.bindings.apply(
         [
             BindingRecord(
@@ -324,25 +341,16 @@ async def run_fork(args: argparse.Namespace) -> None:
         f"CPU p50 {pct(cpus, 0.5):.0f} µs; main-thread CPU per whole call "
         f"{call_cpu / args.calls * 1e6:.0f} µs"
     )
-    if profiler:
-        profiler.dump_stats(args.profile)
-        print(f"profile: {args.profile}")
-    if not args.keep:
-        os.system(f"rm -rf {tmp}")
+    finish(tmp, args, profiler)
 
 
-CALL_CONFIG = """\
-domain: 127.0.0.1
-listen: [udp:127.0.0.1:{port}]
-http: 127.0.0.1:{http}
-data_dir: {data_dir}
-media: {{address: 127.0.0.1, ports: 32000-32999}}
-trusted: ["127.0.0.1/32"]
-log: {{level: {level}, format: json}}
-users:
+CALL_CONFIG = (
+    CALLS_HEAD
+    + """\
   - {{extension: "2000", name: Callee, password: pw2000}}
   - {{extension: "3000", name: Caller, password: pw3000}}
 """
+)
 PHONE = Address("udp", "127.0.0.1", 5900)
 
 
@@ -381,17 +389,11 @@ async def run_call(args: argparse.Namespace) -> None:
     """INVITE -> 100, fork -> 180, 200 (SDP) -> ACK both ways, BYE -> 200: 14 messages."""
     from softswitch.store import BindingRecord
 
-    tmp = Path(tempfile.mkdtemp(prefix="bench_inproc."))
-    cfg_path = tmp / "softswitch.yaml"
-    cfg_path.write_text(
-        CALL_CONFIG.format(port=PORT, http=PORT + 1, data_dir=tmp / "var", level=args.log)
+    tmp, service, log_file = await start_service(
+        lambda data_dir: CALL_CONFIG.format(
+            port=PORT, http=PORT + 1, data_dir=data_dir, level=args.log
+        )
     )
-    cfg = load_config(cfg_path)
-    log_file = (tmp / "log.jsonl").open("w")
-    sys.stderr = log_file
-    logs.configure(cfg.log.level, "json")
-    service = Service(cfg, cfg_path)
-    await service.start()
     service.bindings.apply(
         [
             BindingRecord(
@@ -454,11 +456,7 @@ async def run_call(args: argparse.Namespace) -> None:
         f"{args.calls} answered calls (7 messages in, 7 out): main-thread CPU per call "
         f"{cpu / args.calls * 1e6:.0f} µs"
     )
-    if profiler:
-        profiler.dump_stats(args.profile)
-        print(f"profile: {args.profile}")
-    if not args.keep:
-        os.system(f"rm -rf {tmp}")
+    finish(tmp, args, profiler)
 
 
 def main() -> None:

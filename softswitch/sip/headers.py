@@ -18,6 +18,7 @@ from .syntax import (
     QUOTED_RE,
     TOKEN_RE,
     WS,
+    ParseCache,
     find_param,
     format_params,
     is_token,
@@ -284,28 +285,16 @@ _VIA = re.compile(
 )
 
 
-# Parsed values by their text, like `uri._CACHE`: the same From, To, Contact and Via strings
-# come back within seconds (the authenticated retry of a REGISTER, every response and in-dialog
-# request of a call, our own Via in the responses to our requests), and the values are frozen,
-# so a hit is shared. Only successful parses are kept; a full cache is emptied (bounded, no LRU).
 # Sizes: a received request's Via is new each time (its branch), so only the responses to our
 # own requests hit the Via cache; a few hundred entries cover the transactions in flight. Both
 # stay small because every entry also counts against the memory per binding (issue 2's aim).
-_NAME_ADDRS: dict[str, NameAddr] = {}
-_VIAS: dict[str, Via] = {}
 _NAME_ADDRS_MAX = 1024
 _VIAS_MAX = 256
 
 
 def parse_via(text: str) -> Via:
-    """Parse one Via value; LWS around `/` and `;` is legal (RFC 4475 `wsinv`)."""
-    via = _VIAS.get(text)
-    if via is None:
-        via = _parse_via(text)
-        if len(_VIAS) >= _VIAS_MAX:
-            _VIAS.clear()
-        _VIAS[text] = via
-    return via
+    """Parse one Via value; LWS around `/` and `;` is legal (RFC 4475 `wsinv`). Cached."""
+    return _VIAS(text)
 
 
 def parse_via_uncached(text: str) -> Via:
@@ -433,13 +422,7 @@ def parse_name_addr(text: str) -> NameAddr:
     tokens separated by whitespace (`baddn` has a comma there: a 400). No whitespace is allowed
     inside `<...>` (`badaspec`).
     """
-    value = _NAME_ADDRS.get(text)
-    if value is None:
-        value = _parse_name_addr(text)
-        if len(_NAME_ADDRS) >= _NAME_ADDRS_MAX:
-            _NAME_ADDRS.clear()
-        _NAME_ADDRS[text] = value
-    return value
+    return _NAME_ADDRS(text)
 
 
 def parse_name_addr_uncached(text: str) -> NameAddr:
@@ -490,6 +473,10 @@ def _name_addr_error(s: str, text: str) -> ParseError:
     if s[gt + 1 :].strip(WS)[:1] not in ("", ";"):
         return ParseError(f"unexpected text after URI in {text!r}")
     return ParseError(f"invalid URI in {text!r}")
+
+
+_VIAS: ParseCache[Via] = ParseCache(_parse_via, _VIAS_MAX)
+_NAME_ADDRS: ParseCache[NameAddr] = ParseCache(_parse_name_addr, _NAME_ADDRS_MAX)
 
 
 def parse_name_addr_list(values: list[str]) -> list[NameAddr]:

@@ -7,9 +7,12 @@ most of its cost is in scanning for separators that may hide inside quoted strin
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Generic, TypeVar
 
 from .errors import ParseError
+
+T = TypeVar("T")
 
 _TOKEN = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-.!%*_+`'~"
 #: token = 1*(alphanum / "-" / "." / "!" / "%" / "*" / "_" / "+" / "`" / "'" / "~")
@@ -156,3 +159,36 @@ def find_param(
         if k.lower() == lname:
             return True, v
     return False, None
+
+
+class ParseCache(Generic[T]):
+    """Successful parses of header values and URIs by their text, emptied when full.
+
+    The same few strings come back all day (a phone's Contact on every refresh, a user's AoR in
+    From and To, our own Via in the responses to our requests), and parsed values are frozen, so
+    a hit can be shared. Failures are not kept. Emptying a full cache bounds it without the
+    bookkeeping of an LRU.
+    """
+
+    __slots__ = ("_items", "_limit", "_parse")
+
+    def __init__(self, parse: Callable[[str], T], limit: int) -> None:
+        self._items: dict[str, T] = {}
+        self._parse = parse
+        self._limit = limit
+
+    def __call__(self, text: str) -> T:
+        value = self._items.get(text)
+        if value is None:
+            value = self._parse(text)
+            if len(self._items) >= self._limit:
+                self._items.clear()
+            self._items[text] = value
+        return value
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def clear(self) -> None:
+        """Forget everything (benchmarks measuring uncached parses use it)."""
+        self._items.clear()

@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 from urllib.parse import unquote as _pct_unquote
 
 from .errors import ParseError
-from .syntax import find_param, format_params
+from .syntax import ParseCache, find_param, format_params
 
 _SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+\-.]*")
 # The rest of an absolute URI of another scheme: RFC 2396 uric and "#[]", no space, CTL or
@@ -230,23 +230,12 @@ class AbsoluteUri:
 Uri = SipUri | TelUri | AbsoluteUri
 
 
-# Parsed URIs by their text. The same few URIs come back all day (a phone's Contact on every
-# refresh, a user's address of record in From and To, the Request-URI of each call to them) and
-# URIs are immutable, so a hit can be shared. Only successful parses are kept; when full, the
-# cache is simply emptied, which bounds it without the bookkeeping of an LRU.
-_CACHE: dict[str, Uri] = {}
-_CACHE_MAX = 4096
-
-
 def parse_uri(text: str) -> Uri:
-    """Parse a URI; raise ParseError (400) if it is not a valid SIP, SIPS, tel or absolute URI."""
-    uri = _CACHE.get(text)
-    if uri is None:
-        uri = _parse_uri(text)
-        if len(_CACHE) >= _CACHE_MAX:
-            _CACHE.clear()
-        _CACHE[text] = uri
-    return uri
+    """Parse a URI; raise ParseError (400) if it is not a valid SIP, SIPS, tel or absolute URI.
+
+    Cached by text (`syntax.ParseCache`): the same few URIs come back all day.
+    """
+    return _CACHE(text)
 
 
 def _parse_uri(text: str) -> Uri:
@@ -314,3 +303,6 @@ def _parse_tel(rest: str, text: str) -> TelUri:
         raise ParseError(f"invalid tel URI {text!r}")
     params = tuple(_parse_uri_params(param_text, text)) if param_text else ()
     return TelUri(number, params)
+
+
+_CACHE: ParseCache[Uri] = ParseCache(_parse_uri, 4096)
