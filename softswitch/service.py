@@ -56,6 +56,7 @@ ALLOW = "INVITE, ACK, CANCEL, BYE, OPTIONS, REGISTER, REFER, NOTIFY, SUBSCRIBE, 
 SUPPORTED: frozenset[str] = frozenset()
 ALLOW_EVENTS = "dialog, call-info, line-seize"
 HOUSEKEEPING_INTERVAL = 30.0
+FULL_GC_AFTER = 100  # middle-generation collections between full ones (CPython's default: 10)
 
 
 class ServiceError(Exception):
@@ -149,6 +150,13 @@ class Service:
         # from re-walking it, which cost 40-56 ms pauses in the NOTIFY fan-out benchmark.
         gc.collect()
         gc.freeze()
+        # Full collections walk every live object not frozen: tens of thousands of finished
+        # transactions waiting out Timers D/J/K. They were the 50-65 ms maxima of a 16-way
+        # fork (bench_inproc.py --fork). Run them 10x less often (after 100 middle-generation
+        # passes instead of 10, still gated by CPython's 25 %-growth rule): calls break their
+        # own reference cycles, so little cyclic garbage waits longer.
+        young, middle, _ = gc.get_threshold()
+        gc.set_threshold(young, middle, FULL_GC_AFTER)
         log.info(
             "service_started",
             listen=[f"{a.transport}:{a.host}:{a.port}" for a in self.transports.local],
