@@ -63,17 +63,23 @@ class LineWriter:
         except (AttributeError, OSError, ValueError):
             self._fd = None
         self._lock = threading.Lock()
+        self.dropped = 0
 
     def msg(self, message: str) -> None:
         line = message + "\n"
-        if self._fd is not None:
-            data = line.encode("utf-8", "backslashreplace")
-            while data:  # a pipe may take a long line in parts
-                data = data[os.write(self._fd, data) :]
-            return
-        with self._lock:
-            self._file.write(line)
-            self._file.flush()
+        try:
+            if self._fd is not None:
+                data = line.encode("utf-8", "backslashreplace")
+                while data:  # a pipe may take a long line in parts
+                    data = data[os.write(self._fd, data) :]
+                return
+            with self._lock:
+                self._file.write(line)
+                self._file.flush()
+        except (OSError, ValueError):
+            # The log's reader went away (a closed pipe, a full disk): a log line is not worth a
+            # dropped call or registration, so the line is counted and dropped.
+            self.dropped += 1
 
     log = debug = info = warn = warning = msg
     fatal = failure = err = error = critical = exception = msg
