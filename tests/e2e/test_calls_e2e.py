@@ -671,19 +671,21 @@ def test_ring_time_over_gives_480_and_cancels_every_phone(
     caller_for: Callable[[SoftswitchService], SipCaller],
     require_sipp: str,
 ) -> None:
-    """``lines: {ring_time: 3}``: the caller gets 480 after ~3 s, every ringing phone a
-    CANCEL (SIPp fails the call without one)."""
+    """``lines: {ring_time: 3}``: the caller gets 480 from the ring timer, every ringing phone
+    a CANCEL (SIPp fails the call without one). When the timer fires is the B2BUA's fake-clock
+    unit test's job (test_ring_timeout_cancels_everyone_and_answers_480); here the service's
+    own account says which timer ended the call, whatever the machine's speed."""
     ring_time = 3
     svc = switch(ring_time=ring_time)
     phones = [peers.uas(svc, u, "uas_ring_expect_cancel.xml") for u in (ALICE, BOB, CAROL)]
-    started = time.monotonic()
     call = caller_for(svc).invite(
         ALICE.extension, user=DAVE.extension, password=DAVE.password, timeout=ring_time + 10
     )
-    elapsed = time.monotonic() - started
     assert call.final.status == 480, call.describe()
     assert any(r.status == 180 for r in call.provisionals), call.describe()
-    assert ring_time - 0.5 <= elapsed <= ring_time + 3, f"480 after {elapsed:.1f}s"
+    rejected = [e for e in service_events(svc, "call_rejected") if e.get("status") == 480]
+    assert [e.get("detail") for e in rejected] == ["timeout"], rejected
+    assert [e.get("reason") for e in service_events(svc, "call_ended")] == ["timeout"]
     reasons = {}
     for run in phones:
         result = run.wait(10)
