@@ -297,11 +297,6 @@ def parse_via(text: str) -> Via:
     return _VIAS(text)
 
 
-def parse_via_uncached(text: str) -> Via:
-    """`parse_via` without the cache (values that will not come back)."""
-    return _parse_via(text)
-
-
 def _parse_via(text: str) -> Via:
     m = _VIA.fullmatch(text)
     if m is None:
@@ -423,11 +418,6 @@ def parse_name_addr(text: str) -> NameAddr:
     inside `<...>` (`badaspec`).
     """
     return _NAME_ADDRS(text)
-
-
-def parse_name_addr_uncached(text: str) -> NameAddr:
-    """`parse_name_addr` without the cache (values that will not come back)."""
-    return _parse_name_addr(text)
 
 
 def _parse_name_addr(text: str) -> NameAddr:

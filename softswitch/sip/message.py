@@ -21,10 +21,8 @@ from .headers import (
     header_key,
     parse_cseq,
     parse_name_addr,
-    parse_name_addr_uncached,
     parse_uint,
     parse_via,
-    parse_via_uncached,
     split_list,
 )
 from .syntax import WS, is_token
@@ -367,9 +365,8 @@ def _check(msg: SipMessage, fields: dict[str, list[str]]) -> None:
         if name not in fields:
             raise ParseError(f"missing {name} header")
     cache = h._cache
-    views = _REGISTER_VIEWS if isinstance(msg, Request) and msg.method == "REGISTER" else _VIEWS
     for key, values in fields.items():
-        view = views.get(key)
+        view = _VIEWS.get(key)
         if view is not None and key not in cache:
             cache[key] = view(values)
     call_ids = fields["call-id"]
@@ -394,40 +391,26 @@ def _cseq_from(values: list[str]) -> CSeq:
     return parse_cseq(values[0])
 
 
-def _vias_with(parse: Callable[[str], Via]) -> Callable[[list[str]], list[Via]]:
-    def vias_from(values: list[str]) -> list[Via]:
-        vias = [parse(v) for v in split_list(values)]
-        if not vias:
-            raise ParseError("missing Via")
-        return vias
-
-    return vias_from
+def _vias_from(values: list[str]) -> list[Via]:
+    vias = [parse_via(v) for v in split_list(values)]
+    if not vias:
+        raise ParseError("missing Via")
+    return vias
 
 
-def _name_addr_with(parse: Callable[[str], NameAddr]) -> Callable[[list[str]], NameAddr]:
-    def name_addr_from(values: list[str]) -> NameAddr:
-        if len(values) != 1:
-            raise ParseError("exactly one From/To header is required")  # `multi01`
-        return parse(values[0])
-
-    return name_addr_from
+def _name_addr_from(values: list[str]) -> NameAddr:
+    if len(values) != 1:
+        raise ParseError("exactly one From/To header is required")  # `multi01`
+    return parse_name_addr(values[0])
 
 
-def _contacts_with(parse: Callable[[str], NameAddr]) -> Callable[[list[str]], list[NameAddr]]:
-    def contacts_from(values: list[str]) -> list[NameAddr]:
-        contacts = split_list(values)
-        if contacts == ["*"]:
-            return []
-        if "*" in contacts:
-            raise ParseError("Contact: * mixed with other contacts")
-        return [parse(v) for v in contacts]
-
-    return contacts_from
-
-
-_vias_from = _vias_with(parse_via)
-_name_addr_from = _name_addr_with(parse_name_addr)
-_contacts_from = _contacts_with(parse_name_addr)
+def _contacts_from(values: list[str]) -> list[NameAddr]:
+    contacts = split_list(values)
+    if contacts == ["*"]:
+        return []
+    if "*" in contacts:
+        raise ParseError("Contact: * mixed with other contacts")
+    return [parse_name_addr(v) for v in contacts]
 
 
 def _optional_uint(values: list[str], what: str, limit: int) -> int | None:
@@ -458,16 +441,6 @@ _VIEWS: dict[str, Callable[[list[str]], object]] = {
 }
 
 
-# A REGISTER's From, To, Contact and Via are parsed without the by-text caches: across a
-# registration burst they are unique per phone (and the Via per transaction), so caching them
-# would only evict the entries calls reuse, and keep ~1,000 dead objects per cache alive.
-_REGISTER_VIEWS = {
-    **_VIEWS,
-    "from": _name_addr_with(parse_name_addr_uncached),
-    "to": _name_addr_with(parse_name_addr_uncached),
-    "contact": _contacts_with(parse_name_addr_uncached),
-    "via": _vias_with(parse_via_uncached),
-}
 _MANDATORY = ("via", "from", "to", "call-id", "cseq")
 _CHECKED = frozenset((*_VIEWS, *_MANDATORY, "date", "content-length"))
 
