@@ -92,30 +92,23 @@ class Service:
             self._respond,
             cfg,
         )
-        self.subscriptions = SubscriptionManager(
-            self.layer,
-            self._local_address,
-            self.registrar.auth,
-            self.registrar.directory,
-            cfg,
-            self.bus.model,
-            self._flush,
-            self._loop_time,
-            throttle=self.throttle,
+        # The dialog-event and the SCA notifiers are fed the same way: build, subscribe,
+        # route responses, timeouts, timers and reloads to both (`_notifiers`).
+        notifier = (
+            self.layer, self._local_address, self.registrar.auth, self.registrar.directory,
+            cfg, self.bus.model, self._flush, self._loop_time,
+        )  # fmt: skip
+        self.subscriptions = SubscriptionManager(*notifier, throttle=self.throttle)
+        self.sca = ScaManager(*notifier, throttle=self.throttle)
+        self._notifiers: tuple[SubscriptionManager, ...] = (self.subscriptions, self.sca)
+        for n in self._notifiers:
+            self.bus.subscribe(n.on_line_event)
+        # Asked after every message: bound methods, not a tuple rebuilt each time.
+        self._timer_sources = (
+            self.layer.get_timer,
+            self.b2bua.get_timer,
+            *(n.get_timer for n in self._notifiers),
         )
-        self.bus.subscribe(self.subscriptions.on_line_event)
-        self.sca = ScaManager(
-            self.layer,
-            self._local_address,
-            self.registrar.auth,
-            self.registrar.directory,
-            cfg,
-            self.bus.model,
-            self._flush,
-            self._loop_time,
-            throttle=self.throttle,
-        )
-        self.bus.subscribe(self.sca.on_line_event)
         self.calls.sca = self.sca
         self.b2bua.fork_headers = self._fork_headers
         self.http_api = HttpApi(lambda: self.cfg, self.bus)
@@ -214,8 +207,8 @@ class Service:
             log.warning("config_reload_needs_restart", changed=changed)
         self.registrar = self._make_registrar(cfg, self.registrar.auth)
         self.calls.setup = self._make_setup(cfg)
-        self.subscriptions.update(cfg, self.registrar.directory, self.registrar.auth)
-        self.sca.update(cfg, self.registrar.directory, self.registrar.auth)
+        for n in self._notifiers:
+            n.update(cfg, self.registrar.directory, self.registrar.auth)
         self.calls.cfg = cfg
         self.cfg = cfg
         log.info("config_reloaded", file=str(self.config_path), users=len(cfg.users))
@@ -321,9 +314,7 @@ class Service:
             self._on_request(event.txn, event.request, event.source)
         elif isinstance(event, ResponseReceived):
             txn, resp = event.txn, event.response
-            if not self.subscriptions.on_response(txn, resp) and not self.sca.on_response(
-                txn, resp
-            ):
+            if not any(n.on_response(txn, resp) for n in self._notifiers):
                 self.calls.on_response(txn, resp)
         elif isinstance(event, AckReceived):
             self.calls.on_ack(event.request)
@@ -333,19 +324,13 @@ class Service:
         elif (
             isinstance(event, TransactionTimeout) and isinstance(event.txn, ClientTransaction)
         ) or (isinstance(event, DeliveryFailed) and isinstance(event.txn, ClientTransaction)):
-            if not self.subscriptions.on_timeout(event.txn) and not self.sca.on_timeout(event.txn):
+            if not any(n.on_timeout(event.txn) for n in self._notifiers):
                 self.calls.on_timeout(event.txn)
         elif isinstance(event, StrayResponse):
             self.calls.on_stray(event.response)
 
     def _arm_timer(self) -> None:
-        pending = (
-            self.layer.get_timer(),
-            self.b2bua.get_timer(),
-            self.subscriptions.get_timer(),
-            self.sca.get_timer(),
-        )
-        deadlines = [d for d in pending if d is not None]
+        deadlines = [d for timer in self._timer_sources if (d := timer()) is not None]
         if not deadlines:
             return
         deadline = min(deadlines)
@@ -362,8 +347,8 @@ class Service:
         now = self._loop_time()
         self.layer.handle_timer(now)
         self.b2bua.handle_timer(now)
-        self.subscriptions.handle_timer(now)
-        self.sca.handle_timer(now)
+        for n in self._notifiers:
+            n.handle_timer(now)
         self._pump()
 
     @staticmethod
