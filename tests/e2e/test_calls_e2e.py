@@ -23,7 +23,6 @@ everything stays on 127.0.0.1.
 
 from __future__ import annotations
 
-import json
 import re
 import socket
 import time
@@ -41,6 +40,7 @@ from .harness.service import (
     ServiceConfig,
     SoftswitchService,
     User,
+    service_events,
     start_fresh,
     stop_all,
 )
@@ -207,25 +207,6 @@ def forks_sent(svc: SoftswitchService) -> list[dict[str, Any]]:
             out += e["forks"]
         elif e.get("event") == "call_fork":
             out.append(e)
-    return out
-
-
-def service_events(svc: SoftswitchService, event: str | None = None) -> list[dict[str, Any]]:
-    """The service's JSON log lines (stderr), optionally only one event type."""
-    out: list[dict[str, Any]] = []
-    try:
-        text = svc.stderr_path.read_text(errors="replace")
-    except OSError:
-        return out
-    for line in text.splitlines():
-        if not line.startswith("{"):
-            continue
-        try:
-            obj = json.loads(line)
-        except ValueError:
-            continue
-        if event is None or obj.get("event") == event:
-            out.append(obj)
     return out
 
 

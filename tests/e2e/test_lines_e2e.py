@@ -25,7 +25,6 @@ Everything stays on 127.0.0.1 and is bounded (``e2e_timeout``, baresip ``-t``, S
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import time
@@ -54,6 +53,7 @@ from .harness.service import (
     ServiceConfig,
     SoftswitchService,
     User,
+    service_events,
     start_fresh,
     stop_all,
 )
@@ -310,24 +310,6 @@ def refused(phone: Baresip, svc: SoftswitchService, code: str) -> str:
     established = [e for e in phone.events[mark:] if e.get("type") == "CALL_ESTABLISHED"]
     assert not established, f"{code} connected: {established}"
     return str(ev.get("param", ""))
-
-
-def service_events(svc: SoftswitchService, event: str | None = None) -> list[dict[str, Any]]:
-    """The service's JSON log lines (stderr), optionally only one event type."""
-    out: list[dict[str, Any]] = []
-    try:
-        text = svc.stderr_path.read_text(errors="replace")
-    except OSError:
-        return out
-    for line in text.splitlines():
-        if line.startswith("{"):
-            try:
-                obj = json.loads(line)
-            except ValueError:
-                continue
-            if event is None or obj.get("event") == event:
-                out.append(obj)
-    return out
 
 
 def wait_for_event(

@@ -16,7 +16,6 @@ reads every message back from the SIPp traces and checks what each phone was tol
 
 from __future__ import annotations
 
-import json
 import re
 import time
 from collections.abc import Callable, Iterator
@@ -31,6 +30,7 @@ from .harness.service import (
     ServiceConfig,
     SoftswitchService,
     User,
+    service_events,
     start_fresh,
     stop_all,
 )
@@ -201,18 +201,6 @@ def first(entries: list[tuple[str, SipMessage]], pred: Callable[[str, SipMessage
         if pred(d, m):
             return i
     raise AssertionError("not found in:\n" + "\n".join(f"{d} {m.start_line}" for d, m in entries))
-
-
-def service_events(svc: SoftswitchService) -> list[dict[str, Any]]:
-    """The service's JSON log lines (stderr)."""
-    out = []
-    for line in svc.stderr_path.read_text(errors="replace").splitlines():
-        if line.startswith("{"):
-            try:
-                out.append(json.loads(line))
-            except ValueError:
-                continue
-    return out
 
 
 def requests(msgs: list[SipMessage], method: str) -> list[SipMessage]:

@@ -384,3 +384,25 @@ def stop_all(services: Sequence[SoftswitchService]) -> list[str]:
         for s, code in died
         if code is not None
     ]
+
+
+def service_events(svc: SoftswitchService, event: str | None = None) -> list[dict[str, Any]]:
+    """The service's JSON log lines (its stderr), optionally only those of one event.
+
+    Lines that are not JSON (a traceback, Python's own warnings) are skipped.
+    """
+    out: list[dict[str, Any]] = []
+    try:
+        text = svc.stderr_path.read_text(errors="replace")
+    except OSError:
+        return out
+    for line in text.splitlines():
+        if not line.startswith("{"):
+            continue
+        try:
+            obj = json.loads(line)
+        except ValueError:
+            continue
+        if event is None or obj.get("event") == event:
+            out.append(obj)
+    return out
