@@ -78,6 +78,12 @@ REGISTER = (
 NONCE = re.compile(rb'nonce="([^"]+)"')
 
 
+async def stop_service(service: Service, log_file: IO[str]) -> None:
+    await service.stop()
+    log_file.close()
+    sys.stderr = sys.__stderr__
+
+
 def finish(tmp: Path, args: argparse.Namespace, profiler: cProfile.Profile | None) -> None:
     if profiler:
         profiler.dump_stats(args.profile)
@@ -173,9 +179,7 @@ async def run(args: argparse.Namespace) -> None:
         cpu += time.process_time() - t0
         done += len(second)
     main_cpu, proc_cpu = time.thread_time() - main0, time.process_time() - proc0
-    await service.stop()
-    log_file.close()
-    sys.stderr = sys.__stderr__
+    await stop_service(service, log_file)
     print(
         f"{done} registrations, batch {batch}, log {args.log}: "
         f"{cpu / done * 1e6:.0f} µs CPU per registration (all threads); whole run incl. the "
@@ -224,12 +228,22 @@ SDP = (
 HEADER = re.compile(rb"^(Via|From|To|Call-ID|CSeq): .*$", re.M)
 
 
-def busy_for(invite: bytes) -> bytes:
-    """A phone's 486 to a forked INVITE: its Via, From, To (tagged), Call-ID and CSeq."""
-    head = invite.split(b"\r\n\r\n", 1)[0]
+def copied_headers(request: bytes, to_tag: bytes = b"") -> bytes:
+    """A response's Via, From, To (tagged if `to_tag`), Call-ID and CSeq, from its request."""
+    head = request.split(b"\r\n\r\n", 1)[0]
     lines = [m.group(0).rstrip(b"\r") for m in HEADER.finditer(head)]
-    lines = [ln + b";tag=busy" if ln.startswith(b"To:") else ln for ln in lines]
-    return b"SIP/2.0 486 Busy Here\r\n" + b"\r\n".join(lines) + b"\r\nContent-Length: 0\r\n\r\n"
+    if to_tag:
+        lines = [ln + b";tag=" + to_tag if ln.startswith(b"To:") else ln for ln in lines]
+    return b"\r\n".join(lines) + b"\r\n"
+
+
+def busy_for(invite: bytes) -> bytes:
+    """A phone's 486 to a forked INVITE."""
+    return (
+        b"SIP/2.0 486 Busy Here\r\n"
+        + copied_headers(invite, b"busy")
+        + b"Content-Length: 0\r\n\r\n"
+    )
 
 
 def ack_for(n: int, final: bytes) -> bytes:
@@ -326,9 +340,7 @@ async def run_fork(args: argparse.Namespace) -> None:
         if profiler:
             profiler.disable()
         await asyncio.sleep(0)
-    await service.stop()
-    log_file.close()
-    sys.stderr = sys.__stderr__
+    await stop_service(service, log_file)
     walls.sort()
     cpus.sort()
 
@@ -356,22 +368,17 @@ PHONE = Address("udp", "127.0.0.1", 5900)
 
 def answer_for(invite: bytes, status: str, body: str = "") -> bytes:
     """The phone's response to the forked INVITE (tag, Contact, SDP for the 200)."""
-    head = invite.split(b"\r\n\r\n", 1)[0]
-    lines = [m.group(0).rstrip(b"\r") for m in HEADER.finditer(head)]
-    lines = [ln + b";tag=phone" if ln.startswith(b"To:") else ln for ln in lines]
     extra = b"Contact: <sip:2000@127.0.0.1:5900>\r\n"
     if body:
         extra += b"Content-Type: application/sdp\r\n"
     return (
-        f"SIP/2.0 {status}\r\n".encode() + b"\r\n".join(lines) + b"\r\n" + extra
+        f"SIP/2.0 {status}\r\n".encode() + copied_headers(invite, b"phone") + extra
         + f"Content-Length: {len(body)}\r\n\r\n{body}".encode()
     )  # fmt: skip
 
 
 def response_to(request: bytes, status: str) -> bytes:
-    head = request.split(b"\r\n\r\n", 1)[0]
-    lines = [m.group(0).rstrip(b"\r") for m in HEADER.finditer(head)]
-    return f"SIP/2.0 {status}\r\n".encode() + b"\r\n".join(lines) + b"\r\nContent-Length: 0\r\n\r\n"
+    return f"SIP/2.0 {status}\r\n".encode() + copied_headers(request) + b"Content-Length: 0\r\n\r\n"
 
 
 def in_dialog(method: str, n: int, cseq: int, to_tag: str) -> bytes:
@@ -449,9 +456,7 @@ async def run_call(args: argparse.Namespace) -> None:
         if profiler:
             profiler.disable()
         await asyncio.sleep(0)
-    await service.stop()
-    log_file.close()
-    sys.stderr = sys.__stderr__
+    await stop_service(service, log_file)
     print(
         f"{args.calls} answered calls (7 messages in, 7 out): main-thread CPU per call "
         f"{cpu / args.calls * 1e6:.0f} µs"
