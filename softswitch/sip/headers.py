@@ -103,7 +103,7 @@ class Headers:
     @classmethod
     def of(cls, pairs: list[tuple[str, str]]) -> Headers:
         """Build from (name, value) pairs, e.g. when composing a request."""
-        return cls([(header_key(n), _out_name(n), v) for n, v in pairs])
+        return cls([entry(n, v) for n, v in pairs])
 
     def __iter__(self) -> Iterator[tuple[str, str]]:
         for _, name, value in self._items:
