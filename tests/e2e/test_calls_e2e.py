@@ -43,6 +43,7 @@ from .harness.service import (
     service_events,
     start_fresh,
     stop_all,
+    wait_for_events,
 )
 from .harness.sipclient import Registrar, SipCaller, SipClient, SipMessage
 from .harness.sipp import SippProcess, register_sipp, start_sipp
@@ -666,7 +667,7 @@ def test_ring_time_over_gives_480_and_cancels_every_phone(
     assert any(r.status == 180 for r in call.provisionals), call.describe()
     rejected = [e for e in service_events(svc, "call_rejected") if e.get("status") == 480]
     assert [e.get("detail") for e in rejected] == ["timeout"], rejected
-    assert [e.get("reason") for e in service_events(svc, "call_ended")] == ["timeout"]
+    assert [e.get("reason") for e in wait_for_events(svc, "call_ended")] == ["timeout"]
     reasons = {}
     for run in phones:
         result = run.wait(10)
