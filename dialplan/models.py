@@ -469,6 +469,18 @@ class FeatureCodes(_Model):
         return {code: name for name, code in self.model_dump().items()}
 
 
+class Overload(_Model):
+    """Overload control for SIP over UDP (see ``softswitch.overload``).
+
+    A request that starts new work (INVITE, REGISTER, SUBSCRIBE, ...) and
+    waited longer than ``max_queue_delay_ms`` in the receive queue is dropped
+    unread: its sender has retransmitted it by then (T1 is 500 ms), and the
+    fresher copy is answered. 0 turns this off.
+    """
+
+    max_queue_delay_ms: Annotated[Int, Field(ge=0, le=32000)] = 500
+
+
 class Log(_Model):
     """Logging; ``format: auto`` means console on a TTY, JSON otherwise."""
 
@@ -511,6 +523,7 @@ class Config(_Model):
     trusted: list[IPNetwork] = []
     feature_codes: FeatureCodes = FeatureCodes()
     log: Log = Log()
+    overload: Overload = Overload()
     max_message_size: Annotated[Int, Field(ge=1024, le=1 << 20)] = 65535
 
     _by_extension: dict[str, User] = PrivateAttr(default_factory=dict)

@@ -27,7 +27,8 @@
 #
 # Env: PYTHON (default .venv/bin/python, runs `python -m softswitch`), SS_PORT (15060),
 #      KAM_PORT (15070), SIPP_PORT (15062), SS_HTTP_PORT (18080), FILL_RATE (500),
-#      OVERLOAD_RATE (4000: one 2 s run at this rate unless already sustained), PYSPY (py-spy).
+#      OVERLOAD_RATE (4000: one 2 s run at this rate unless already sustained), PYSPY (py-spy),
+#      OVERLOAD_MS (500: the softswitch's overload.max_queue_delay_ms; 0 turns shedding off).
 #
 # For each variant the server is started fresh, then
 #   1. fill:   every user registers once at FILL_RATE (first registrations; memory before,
@@ -58,6 +59,7 @@ SIPP_PORT=${SIPP_PORT:-15062}
 SS_HTTP_PORT=${SS_HTTP_PORT:-18080}
 FILL_RATE=${FILL_RATE:-500}
 OVERLOAD_RATE=${OVERLOAD_RATE:-4000}
+OVERLOAD_MS=${OVERLOAD_MS:-500}
 PYSPY=${PYSPY:-py-spy}
 USERS=10000
 RATES="500 1000 2000"
@@ -137,7 +139,8 @@ trap 'exit 130' INT TERM
 start_softswitch() {   # LEVEL
   local cfg=$OUT/softswitch-$1.yaml
   python3 "$HERE/mkusers.py" --csv "$OUT/users.csv" --config "$cfg" --count "$USERS" \
-    --port "$SS_PORT" --http "$SS_HTTP_PORT" --data-dir "$DATA" --log-level "$1"
+    --port "$SS_PORT" --http "$SS_HTTP_PORT" --data-dir "$DATA" --log-level "$1" \
+    --overload-ms "$OVERLOAD_MS"
   local t0=$SECONDS
   # = `python -m softswitch run --config CFG`, plus a thread that takes a heap census on demand
   nice -n "$NICE" "$PYTHON" "$HERE/bench_util.py" serve "$OUT/probe" -- run --config "$cfg" \

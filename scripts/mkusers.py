@@ -2,7 +2,8 @@
 """Write the load users for scripts/bench_register.sh: a sipp -inf CSV and a softswitch config.
 
 usage: mkusers.py --csv USERS.csv [--config SOFTSWITCH.yaml --port 15060 --http 18080
-                  --data-dir DIR --log-level info] [--first 200000] [--count 10000]
+                  --data-dir DIR --log-level info --overload-ms 500] [--first 200000]
+                  [--count 10000]
 
 Users are digits (softswitch extensions are 1-16 digits): 200000 .. 200000+count-1, password
 "pw" + user (200000 / pw200000). scripts/kamailio/kamailio.cfg accepts the same users with
@@ -26,6 +27,7 @@ data_dir: {data_dir}
 media: {{address: 127.0.0.1, ports: 30000-30999}}
 auth: {{algorithms: [MD5], max_failures: 1000000}}
 log: {{level: {log_level}, format: json}}
+overload: {{max_queue_delay_ms: {overload_ms}}}
 users:
 """
 
@@ -42,6 +44,9 @@ def main() -> None:
     ap.add_argument("--http", type=int, default=18080)
     ap.add_argument("--data-dir", default="var")
     ap.add_argument("--log-level", default="info")
+    ap.add_argument(
+        "--overload-ms", type=int, default=500, help="overload.max_queue_delay_ms (0: off)"
+    )
     a = ap.parse_args()
     users = [str(n) for n in range(a.first, a.first + a.count)]
     with open(a.csv, "w") as f:
@@ -56,6 +61,7 @@ def main() -> None:
                     http=a.http,
                     data_dir=Path(a.data_dir).resolve(),
                     log_level=a.log_level,
+                    overload_ms=a.overload_ms,
                 )
             )
             for u in users:

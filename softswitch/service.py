@@ -27,6 +27,7 @@ from .directory import Directory
 from .http_api import HttpApi
 from .http_server import HttpServer, HttpServerError
 from .lines import Direction, LineBus
+from .overload import REPORT_INTERVAL, StaleFilter
 from .registrar import AuthResult, Bindings, Outcome, Registrar, RegistrarPolicy
 from .sca import ScaManager
 from .sip.digest import Algorithm, DigestAuthenticator
@@ -71,8 +72,14 @@ class Service:
         self.config_path = config_path
         self.data_dir_base = data_dir_base
         self.layer = TransactionLayer()
+        self.stale = StaleFilter(cfg.overload.max_queue_delay_ms / 1000)
+        self._overload_report: asyncio.TimerHandle | None = None
         self.transports = TransportManager(
-            self._on_message, cfg.max_message_size, self._on_framing_error
+            self._on_message,
+            cfg.max_message_size,
+            self._on_framing_error,
+            admit=self._admit,
+            kernel_drops=self._kernel_drops,
         )
         self.store = SqliteStore(cfg.data_dir / "softswitch.db")
         self.bindings = Bindings()
@@ -168,6 +175,8 @@ class Service:
             await asyncio.wait(self._tasks, timeout=5)
         if self._timer is not None:
             self._timer.cancel()
+        if self._overload_report is not None:
+            self._overload_report.cancel()
         await self.store.close()
         log.info("service_stopped")
 
@@ -210,6 +219,7 @@ class Service:
         for n in self._notifiers:
             n.update(cfg, self.registrar.directory, self.registrar.auth)
         self.calls.cfg = cfg
+        self.stale.max_delay = cfg.overload.max_queue_delay_ms / 1000
         self.cfg = cfg
         log.info("config_reloaded", file=str(self.config_path), users=len(cfg.users))
 
@@ -272,6 +282,38 @@ class Service:
             return
         self.layer.receive(msg, source, self._loop_time())
         self._pump()
+
+    def _admit(self, data: bytes, age: float) -> bool:
+        """The UDP transport asks this for every datagram: overload control (`StaleFilter`)."""
+        if self.stale.admit(data, age):
+            return True
+        self._report_overload_later()
+        return False
+
+    def _kernel_drops(self, total: int) -> None:
+        self.stale.kernel_dropped(total)
+        self._report_overload_later()
+
+    def _report_overload_later(self) -> None:
+        if self._overload_report is None:
+            loop = asyncio.get_running_loop()
+            self._overload_report = loop.call_later(REPORT_INTERVAL, self._report_overload)
+
+    def _report_overload(self) -> None:
+        """One warning a second at most while requests are dropped: enough to alert an
+        operator, and the log must not add work to an overloaded service."""
+        self._overload_report = None
+        report = self.stale.report()
+        if report is None:
+            return
+        log.warning(
+            "sip_overload",
+            dropped=report.dropped,
+            oldest_ms=round(report.oldest * 1000),
+            max_queue_delay_ms=round(self.stale.max_delay * 1000),
+            kernel_drops=report.kernel_drops,
+            dropped_total=self.stale.dropped,
+        )
 
     def _on_framing_error(self, data: bytes, source: Address, exc: ParseError) -> None:
         self._reject_malformed(data, source, exc)

@@ -11,6 +11,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import struct
+import sys
+import time
 from collections.abc import Callable
 
 import structlog
@@ -50,25 +53,140 @@ def _udp_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-class UdpEndpoint(asyncio.DatagramProtocol):
-    def __init__(self, handler: MessageHandler, max_size: int) -> None:
+#: Linux socket options the stdlib does not name (asm-generic values, as on x86-64 and arm64):
+#: the kernel's receive time of each datagram (SCM_TIMESTAMPNS, a struct timespec) and the
+#: socket's cumulative count of datagrams dropped for a full receive buffer (a uint32).
+SO_TIMESTAMPNS = 35
+SO_RXQ_OVFL = 40
+_TIMESPEC = struct.Struct("@qq")
+_ANCILLARY = socket.CMSG_SPACE(_TIMESPEC.size) + socket.CMSG_SPACE(4)
+_TIMESTAMPS = sys.platform == "linux" and struct.calcsize("@l") == 8
+
+#: Datagrams read per readiness callback before the loop gets a turn for timers and TCP.
+UDP_BATCH = 64
+
+#: Admission control: (datagram, seconds it waited in the kernel's queue) -> keep it?
+Admit = Callable[[bytes, float], bool]
+
+
+class UdpEndpoint:
+    """One UDP listening socket, read by us rather than by an asyncio transport.
+
+    asyncio's datagram protocol hands over the bytes and the peer but not *when* the datagram
+    arrived; overload control (`softswitch.overload`) needs that, so this reads with
+    `recvmsg` and the kernel's receive timestamp. It reads up to `UDP_BATCH` datagrams per
+    wake-up, and sends with a plain `sendto`: a datagram the kernel cannot take at once
+    (EAGAIN) is dropped and counted, as any UDP loss, and the transaction layer retransmits.
+    """
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        handler: MessageHandler,
+        max_size: int,
+        admit: Admit | None = None,
+        kernel_drops: Callable[[int], None] | None = None,
+    ) -> None:
+        self.sock = sock
         self.handler = handler
         self.max_size = max_size
-        self.transport: asyncio.DatagramTransport | None = None
+        self.admit = admit
+        self.kernel_drops = kernel_drops
+        self.send_drops = 0
+        self._kernel_total = 0
+        self._timestamps = _TIMESTAMPS and _enable_timestamps(sock)
+        self._loop: asyncio.AbstractEventLoop | None = None
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        loop.add_reader(self.sock.fileno(), self._on_readable)
 
-    def datagram_received(self, data: bytes, addr: tuple[str | int, ...]) -> None:
+    def close(self) -> None:
+        if self._loop is not None:
+            self._loop.remove_reader(self.sock.fileno())
+            self._loop = None
+        self.sock.close()
+
+    def sendto(self, data: bytes, addr: tuple[str, int]) -> None:
+        try:
+            self.sock.sendto(data, addr)
+        except BlockingIOError:
+            self.send_drops += 1
+        except OSError as exc:  # unreachable network, a closed socket during shutdown
+            log.debug("udp_send_error", peer=f"{addr[0]}:{addr[1]}", error=str(exc))
+
+    def _on_readable(self) -> None:
+        if self._timestamps:
+            self._read_timed()
+        else:
+            self._read_plain()
+
+    def _read_timed(self) -> None:
+        recvmsg = self.sock.recvmsg
+        size = self.max_size + 1  # one byte more: a datagram that fills it is too large
+        now = 0.0
+        for _ in range(UDP_BATCH):
+            try:
+                data, ancdata, _, addr = recvmsg(size, _ANCILLARY)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # ICMP errors queued on the socket
+                log.debug("udp_error", error=str(exc))
+                continue
+            age = 0.0
+            for level, kind, value in ancdata:
+                if level != socket.SOL_SOCKET:
+                    continue
+                if kind == SO_TIMESTAMPNS and len(value) >= _TIMESPEC.size:
+                    sec, nsec = _TIMESPEC.unpack_from(value)
+                    now = now or time.time()
+                    age = now - (sec + nsec * 1e-9)
+                elif kind == SO_RXQ_OVFL and len(value) >= 4:
+                    self._note_kernel_drops(int.from_bytes(value[:4], sys.byteorder))
+            self._deliver(data, addr, age)
+
+    def _read_plain(self) -> None:
+        recvfrom = self.sock.recvfrom
+        size = self.max_size + 1
+        for _ in range(UDP_BATCH):
+            try:
+                data, addr = recvfrom(size)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                log.debug("udp_error", error=str(exc))
+                continue
+            self._deliver(data, addr, 0.0)
+
+    def _deliver(self, data: bytes, addr: tuple[str | int, ...], age: float) -> None:
         if len(data) > self.max_size:
             log.warning("sip_datagram_too_large", size=len(data), peer=f"{addr[0]}:{addr[1]}")
             return
+        if self.admit is not None and not self.admit(data, age):
+            return
         if not data.strip(b"\r\n\x00 "):
             return  # RFC 5626 keep-alive (CRLF) or padding
-        self.handler(data, Address("udp", str(addr[0]), int(addr[1])))
+        try:
+            self.handler(data, Address("udp", str(addr[0]), int(addr[1])))
+        except Exception:  # one bad message must not stop the socket being read
+            log.exception("sip_handler_failed", peer=f"{addr[0]}:{addr[1]}")
 
-    def error_received(self, exc: Exception) -> None:
-        log.debug("udp_error", error=str(exc))
+    def _note_kernel_drops(self, total: int) -> None:
+        if total != self._kernel_total:
+            self._kernel_total = total
+            if self.kernel_drops is not None:
+                self.kernel_drops(total)
+
+
+def _enable_timestamps(sock: socket.socket) -> bool:
+    """Ask for receive timestamps and the drop counter; False if the kernel refuses."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+    except OSError:
+        return False
+    with contextlib.suppress(OSError):  # the drop count is a bonus
+        sock.setsockopt(socket.SOL_SOCKET, SO_RXQ_OVFL, 1)
+    return True
 
 
 class TcpConnection(asyncio.Protocol):
@@ -120,11 +238,16 @@ class TransportManager:
         handler: MessageHandler,
         max_size: int = 65535,
         on_framing_error: Callable[[bytes, Address, ParseError], None] | None = None,
+        *,
+        admit: Admit | None = None,
+        kernel_drops: Callable[[int], None] | None = None,
     ) -> None:
         self.handler = handler
         self.max_size = max_size
         self.on_framing_error = on_framing_error or (lambda data, peer, exc: None)
-        self._udp: list[tuple[UdpEndpoint, asyncio.DatagramTransport]] = []
+        self.admit = admit
+        self.kernel_drops = kernel_drops
+        self._udp: list[UdpEndpoint] = []
         self._servers: list[asyncio.Server] = []
         self._connections: dict[Address, TcpConnection] = {}
         self._pending: dict[Address, list[bytes]] = {}
@@ -135,11 +258,16 @@ class TransportManager:
         loop = asyncio.get_running_loop()
         try:
             if transport == "udp":
-                dgram, proto = await loop.create_datagram_endpoint(
-                    lambda: UdpEndpoint(self.handler, self.max_size), sock=_udp_socket(host, port)
+                endpoint = UdpEndpoint(
+                    _udp_socket(host, port),
+                    self.handler,
+                    self.max_size,
+                    self.admit,
+                    self.kernel_drops,
                 )
-                self._udp.append((proto, dgram))
-                bound = dgram.get_extra_info("sockname")
+                endpoint.start(loop)
+                self._udp.append(endpoint)
+                bound = endpoint.sock.getsockname()
             elif transport == "tcp":
                 server = await loop.create_server(
                     lambda: TcpConnection(self), host, port, reuse_address=True
@@ -157,7 +285,7 @@ class TransportManager:
     def send(self, data: bytes, dest: Address) -> None:
         if dest.transport == "udp":
             if self._udp:
-                self._udp[0][1].sendto(data, (dest.host, dest.port))
+                self._udp[0].sendto(data, (dest.host, dest.port))
             return
         conn = self._connections.get(dest)
         if conn is not None:
@@ -190,8 +318,8 @@ class TransportManager:
         task.add_done_callback(self._connecting.discard)
 
     async def close(self) -> None:
-        for _, dgram in self._udp:
-            dgram.close()
+        for endpoint in self._udp:
+            endpoint.close()
         for server in self._servers:
             server.close()
         for conn in list(self._connections.values()):

@@ -164,6 +164,7 @@ def test_contract_example_loads() -> None:
     assert cfg.feature_codes.by_code()["*79"] == "dnd_off"
     assert (cfg.log.level, cfg.log.format) == ("info", "auto")
     assert cfg.max_message_size == 65535
+    assert cfg.overload.max_queue_delay_ms == 500  # T1: the first retransmission is due
     assert cfg.data_dir == Path.cwd() / "var"
 
 
@@ -720,6 +721,7 @@ def test_settings_sections() -> None:
         trusted: [127.0.0.2/32, "::1", 10.0.0.0/8]
         feature_codes: {pickup: "#8", dnd_on: "*780"}
         log: {level: DEBUG, format: json}
+        overload: {max_queue_delay_ms: 0}
         max_message_size: 4096
         """)
     )
@@ -742,6 +744,7 @@ def test_settings_sections() -> None:
     assert cfg.feature_codes.by_code()["#8"] == "pickup"
     assert (cfg.log.level, cfg.log.format) == ("debug", "json")
     assert cfg.max_message_size == 4096
+    assert cfg.overload.max_queue_delay_ms == 0
 
 
 @pytest.mark.parametrize(
@@ -770,6 +773,11 @@ def test_settings_sections() -> None:
         ("log: {level: loud}", "log.level", "(got 'loud')"),
         ("log: {format: xml}", "log.format", "'auto', 'json' or 'console'"),
         ("max_message_size: 100", "max_message_size", "greater than or equal to 1024"),
+        (
+            "overload: {max_queue_delay_ms: -1}",
+            "overload.max_queue_delay_ms",
+            "greater than or equal to 0",
+        ),
         ("policy: {delegation: maybe}", "policy.delegation", "valid boolean"),
     ],
 )
