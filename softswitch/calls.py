@@ -395,6 +395,11 @@ class B2BUA:
             return True
         leg = self._clients.get(txn)
         if leg is None:
+            if 200 <= resp.status < 300 and resp.cseq.method == "INVITE":
+                # The transaction is in RFC 6026 Accepted: a retransmitted 2xx, which wants
+                # its ACK again (§13.2.2.4) as much as one that comes after Timer M.
+                self.on_stray_2xx(resp)
+                return True
             return False
         if resp.status < 200:
             self._on_provisional(leg, resp)
@@ -680,6 +685,8 @@ class B2BUA:
         leg = self._dialogs.get((resp.call_id, resp.from_.tag or ""))
         if leg is None or leg.dialog is None or resp.cseq.method != "INVITE":
             return
+        if resp.to.tag != leg.dialog.remote_tag:
+            return  # a losing fork's (forks share our tag): not this dialog's to acknowledge
         ack = leg.dialog.new_request("ACK", self._via(leg.dest), cseq=resp.cseq.seq)
         self.layer.send_stateless(ack, leg.dest)
         self.flush()
