@@ -640,6 +640,8 @@ class B2BUA:
             extra = [(n, v) for n, v in extra if n.lower() != "content-type"]
             extra.append(("Content-Type", "application/sdp"))
         if req.method == "INVITE":
+            if not req.body:  # asks for an offer (D15): no body to type
+                extra = [(n, v) for n, v in extra if n.lower() != "content-type"]
             extra.append(("Allow", ALLOW))
         out = other.dialog.new_request(
             req.method,
@@ -680,8 +682,14 @@ class B2BUA:
         if txn.request.method == "INVITE" and 200 <= resp.status < 300 and other is not None:
             assert other.dialog is not None
             other.dialog.update_target(resp)
-            ack = other.dialog.new_request("ACK", self._via(other.dest), cseq=txn.request.cseq.seq)
-            self.layer.send_stateless(ack, other.dest)
+            if out.body and not txn.request.body:
+                # A re-INVITE without SDP: this 2xx offers, the requester's ACK answers (D15).
+                self._await_answer(other, to_leg, txn.request.cseq.seq, pending.server)
+            else:
+                ack = other.dialog.new_request(
+                    "ACK", self._via(other.dest), cseq=txn.request.cseq.seq
+                )
+                self.layer.send_stateless(ack, other.dest)
             out.headers.add("Contact", self._contact(to_leg.dest))
         if resp.status >= 200:
             self._relayed.pop(txn, None)

@@ -13,7 +13,7 @@ from softswitch.lines import CallState
 from softswitch.sip.message import Request, Response, parse_message
 from softswitch.sip.transaction_layer import RequestReceived
 
-from .test_calls import CALLER, PHONES, PICKER, SDP, Rig, new_invite
+from .test_calls import CALLER, PHONES, PICKER, SDP, Rig, in_dialog, new_invite, reply_to
 
 SDP_A = SDP  # the caller's media: 127.0.0.1:4000
 SDP_B = SDP.replace(b"m=audio 4000 ", b"m=audio 5000 ").replace(
@@ -214,3 +214,62 @@ async def test_early_offer_call_is_unchanged() -> None:
     assert len(rig.take(PHONES[0], "ACK")) == 1
     call = the_call(rig)
     assert not call.late and call.awaited is None and rig.b2bua._awaiting == {}
+
+
+# --- a re-INVITE without SDP in an established call ------------------------------------------
+
+
+async def test_reinvite_without_sdp_carries_the_offer_in_2xx_and_the_answer_in_ack() -> None:
+    rig = Rig()
+    await rig.invite(1)
+    rig.answer(PHONES[0], 200, "t0", SDP_B)
+    caller_ack(rig, rig.take(CALLER, "200")[0])
+    (inv,) = rig.take(PHONES[0], "INVITE")
+    ev = in_dialog(rig, PHONES[0], inv, "t0", "INVITE", 2, "Content-Type: application/sdp\r\n")
+    leg = rig.b2bua.find_leg(ev.request)
+    assert leg is not None
+    rig.b2bua.on_in_dialog(ev.txn, ev.request, leg)
+    (relayed,) = rig.take(CALLER, "INVITE")
+    assert relayed.body == b"" and relayed.headers.get("content-type") is None
+
+    new_a = SDP_A.replace(b"m=audio 4000 ", b"m=audio 4100 ")
+    reply_to(rig, relayed, CALLER, 200, new_a)  # the caller's fresh offer
+    (ok,) = rig.take(PHONES[0], "200")
+    assert_relay_sdp(ok.body, B_PORT)
+    assert rig.take(CALLER, "ACK") == []  # held for the phone's answer
+    call = the_call(rig)
+    assert call.a_media.remote == ("127.0.0.1", 4100)
+
+    new_b = SDP_B.replace(b"m=audio 5000 ", b"m=audio 5100 ")
+    ack = (
+        f"ACK sip:127.0.0.1:5060 SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:{PHONES[0].port};"
+        f"branch=z9hG4bKreack\r\nFrom: {ok.headers.get('from')}\r\nTo: {ok.headers.get('to')}"
+        f"\r\nCall-ID: {ok.call_id}\r\nCSeq: 2 ACK\r\nMax-Forwards: 70\r\n"
+        f"Content-Type: application/sdp\r\nContent-Length: {len(new_b)}\r\n\r\n"
+    ).encode() + new_b
+    rig.layer.receive(parse_message(ack), PHONES[0], rig.now)
+    rig.flush()
+    (to_caller,) = rig.take(CALLER, "ACK")
+    assert to_caller.cseq.seq == relayed.cseq.seq
+    assert_relay_sdp(to_caller.body, A_PORT)
+    assert call.b_media.remote == ("127.0.0.1", 5100)
+    assert rig.take(method="BYE") == []
+
+
+async def test_reinvite_without_sdp_never_acked_hangs_up_both_legs() -> None:
+    rig = Rig()
+    await rig.invite(1)
+    rig.answer(PHONES[0], 200, "t0", SDP_B)
+    caller_ack(rig, rig.take(CALLER, "200")[0])
+    (inv,) = rig.take(PHONES[0], "INVITE")
+    ev = in_dialog(rig, PHONES[0], inv, "t0", "INVITE", 2)
+    leg = rig.b2bua.find_leg(ev.request)
+    assert leg is not None
+    rig.b2bua.on_in_dialog(ev.txn, ev.request, leg)
+    (relayed,) = rig.take(CALLER, "INVITE")
+    reply_to(rig, relayed, CALLER, 200, SDP_A)
+    rig.advance(33)
+    (ack,) = rig.take(CALLER, "ACK")
+    assert b"m=audio 0 " in ack.body
+    assert len(rig.take(CALLER, "BYE")) == 1 and len(rig.take(PHONES[0], "BYE")) == 1
+    assert rig.b2bua.calls == {}
