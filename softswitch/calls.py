@@ -761,12 +761,13 @@ class B2BUA:
         offer = _sdp_or_none(resp.body)
         if offer is not None and call.b is None and not call.ended:
             return offer
-        body = self._declining(offer, leg.origin) if offer is not None else b""
+        # An o= of its own: the forks' shared one is the winner's.
+        body = self._declining(offer, OriginState()) if offer is not None else b""
         self._ack(dialog, leg.dest, _invite_of(leg).cseq.seq, body)
         if call.b is not None or call.ended:
             self._hang_up_loser(leg, dialog)
             return None
-        log.warning("late_offer_unusable", call=call.id, party=leg.party)
+        log.warning("late_offer_unusable", call=call.id, call_id=dialog.call_id, party=leg.party)
         self._hang_up_loser(leg, dialog, reason=None)
         self._on_fork_failed(leg, 488)  # the other forks may still answer
         return None
@@ -827,7 +828,9 @@ class B2BUA:
         its ACK (declining every stream), then both phones a BYE."""
         self._decline_awaited(aw)
         call = aw.offerer.call
-        log.warning("late_offer_failed", call=call.id, reason=reason)
+        log.warning(
+            "late_offer_failed", call=call.id, call_id=aw.server.request.call_id, reason=reason
+        )
         for leg in (call.a, call.b):
             if leg is not None and leg.dialog is not None and leg.state is not LegState.ENDED:
                 bye = leg.dialog.new_request("BYE", self._via(leg.dest))
