@@ -4,7 +4,8 @@ A `Call` owns an inbound `Leg` (we are the UAS towards the caller) and one outbo
 ringing contact (we are the UAC). The first 2xx wins; every other fork is cancelled with
 `Reason: SIP;cause=200;text="Call completed elsewhere"` (RFC 3326). After the answer, in-dialog
 requests (BYE, re-INVITE, UPDATE, INFO) are relayed between the two dialogs with their SDP
-rewritten towards our relay.
+rewritten towards our relay. An INVITE without SDP (late offer) is forked without SDP: the
+offer then comes in a 2xx and its answer in the other side's ACK (`AwaitedAck`, decision D15).
 
 This module is signalling logic: it talks to the transaction layer (sans-I/O), asks the media
 manager for endpoints, and publishes line events. Timers (ring timeout, delayed forks) live in
@@ -137,6 +138,20 @@ class Transfer:
     old_media: tuple[Any, Any, Any]  # old call's (a_media, b_media, bridge), restored on failure
 
 
+@dataclass(eq=False, slots=True)
+class AwaitedAck:
+    """A 2xx that carried an offer (late offer, RFC 3264 via RFC 3261 §13.2.1): the offerer's
+    phone gets its ACK only once the answerer's ACK brings the answer, since that ACK must
+    carry it (§13.2.2.4). Kept after the ACK went out, to repeat it to a retransmitted 2xx."""
+
+    offerer: Leg  # the leg whose phone sent the offer in its 2xx and waits for our ACK
+    answerer: Leg  # the leg whose phone got the offer in our 2xx and answers in its ACK
+    cseq: int  # CSeq number of the INVITE the offerer answered (our ACK's)
+    answer_cseq: int  # CSeq number of the answerer's INVITE (its ACK's)
+    server: ServerTransaction  # the answerer's INVITE, whose 2xx we retransmit
+    ack: Request | None = None  # our ACK to the offerer, once sent
+
+
 @dataclass(frozen=True, slots=True)
 class LineRef:
     """A line this call is on, seen from that line: its direction and the remote end.
@@ -180,6 +195,8 @@ class Call:
     private: bool = False  # held privately: only `held_by` may retrieve it
     failures: list[int] = field(default_factory=list)
     outstanding: int = 0  # forks not yet finished (including delayed ones not yet sent)
+    late: bool = False  # the caller's INVITE had no SDP: the offer comes in the callee's 2xx
+    awaited: AwaitedAck | None = None  # the last offer made in a 2xx, answered in an ACK
 
 
 Entry = tuple[str, str, str]
@@ -232,6 +249,8 @@ class B2BUA:
         self._by_invite: dict[ServerTransaction, Call] = {}  # caller's INVITE -> call (CANCEL)
         self._clients: dict[ClientTransaction, Leg] = {}
         self._relayed: dict[ClientTransaction, Pending] = {}
+        #: 2xx with an offer whose ACK (the answer) has not come yet, by the INVITE answered
+        self._awaiting: dict[ServerTransaction, AwaitedAck] = {}
         self._timers: list[tuple[float, int, Callable[[], None]]] = []
         self._seq = itertools.count()
         #: Extra headers for one fork (set by the service): SCA's `Call-Info` with the
@@ -274,9 +293,9 @@ class B2BUA:
             self._reply(a, req.make_response(488, "Not Acceptable Here"), detail=str(exc))
             return
         if call.offer is None:
-            # Late offer (no SDP in the INVITE) is not relayed yet: say so clearly.
-            self._reply(a, req.make_response(488, "Not Acceptable Here"), detail="no SDP offer")
-            return
+            # Late offer (D15): the forks go without SDP; the answering phone's 2xx offers.
+            call.late = True
+            call.fork_body = b""
         if not targets:
             self._reply(a, req.make_response(480, "Temporarily Unavailable"), detail="no contact")
             return
@@ -293,7 +312,8 @@ class B2BUA:
             self._release_media(call)
             return
         a.media = call.a_media
-        self._remember(a, call.offer)
+        if call.offer is not None:
+            self._remember(a, call.offer)
         self.calls[call.id] = call
         self._index_leg(a, req.call_id, a.local_tag)
         self._index_call_id(call, req.call_id)
@@ -316,6 +336,8 @@ class B2BUA:
             forks=[{"party": t.party, "dest": _dest_text(t.dest)} for t in now_forks],
             delayed=len(targets) - len(now_forks),
         )
+        if call.late:
+            log.info("call_late_offer", call=call.id, call_id=req.call_id)
         self._later(t0, ring_time, lambda: self._ring_timeout(call))
         self._publish(call, CallState.RINGING)
         self.flush()
@@ -325,10 +347,11 @@ class B2BUA:
     ) -> None:
         if call.ended or call.b is not None:
             return
-        assert call.offer is not None
         # Every fork carries the same offer towards the same endpoint: render it once per
-        # call, with one o= line state shared by the forks (the winner keeps it).
+        # call, with one o= line state shared by the forks (the winner keeps it). A late
+        # offer's forks carry none (start_call set the empty body).
         if call.fork_body is None:
+            assert call.offer is not None
             call.fork_body = rewrite(
                 call.offer,
                 self.media.address,
@@ -379,11 +402,14 @@ class B2BUA:
         common = [entry("P-Asserted-Identity", pai)] if pai else []
         common += [entry(name, value) for name, value in call.extra_headers]
         from_value = f"{call.b_from};tag={call.b_from_tag}"
+        tail: tuple[Entry, ...] = (entry("Allow", ALLOW),)
+        if not call.late:  # a late offer's forks have no body to type
+            tail += (entry("Content-Type", "application/sdp"),)
         return ForkTemplate(
             head=(entry("Max-Forwards", "70"), entry("From", from_value)),
             middle=(entry("Call-ID", call.b_call_id), entry("CSeq", "1 INVITE")),
             common=tuple(common),
-            tail=(entry("Allow", ALLOW), entry("Content-Type", "application/sdp")),
+            tail=tail,
         )
 
     # --- responses on our client transactions -----------------------------------------------
@@ -395,6 +421,11 @@ class B2BUA:
             return True
         leg = self._clients.get(txn)
         if leg is None:
+            if 200 <= resp.status < 300 and resp.cseq.method == "INVITE":
+                # The transaction is in RFC 6026 Accepted: a retransmitted 2xx, which wants
+                # its ACK again (§13.2.2.4) as much as one that comes after Timer M.
+                self.on_stray_2xx(resp)
+                return True
             return False
         if resp.status < 200:
             self._on_provisional(leg, resp)
@@ -442,7 +473,9 @@ class B2BUA:
         a = call.a
         assert a is not None
         out = self._response_for(a, resp, resp.status, resp.reason)
-        if resp.body and resp.status == 183:
+        if resp.body and resp.status == 183 and not call.late:
+            # In a late-offer call this SDP would be the callee's offer, which only its 2xx
+            # may make here (we do not support PRACK): the 18x goes on without it (D15).
             self._add_sdp(out, resp.body, from_leg=leg, to_leg=a)
         self._send_a(a, out)
 
@@ -450,16 +483,18 @@ class B2BUA:
         call = leg.call
         invite = _invite_of(leg)
         dialog = Dialog.as_uac(invite, resp)
-        ack = dialog.new_request("ACK", self._via(leg.dest), cseq=invite.cseq.seq)
-        self.layer.send_stateless(ack, leg.dest)
-        if call.b is not None or call.ended:
-            # A second answer lost the race: acknowledge it and hang it up at once.
-            bye = dialog.new_request(
-                "BYE", self._via(leg.dest), extra=[("Reason", COMPLETED_ELSEWHERE)]
-            )
-            self.layer.send_request(bye, leg.dest, self._now())
-            leg.state = LegState.ENDED
-            return
+        offer: SessionDescription | None = None
+        if call.late:
+            offer = self._late_offer_of(leg, dialog, resp)
+            if offer is None:
+                return
+        else:
+            ack = dialog.new_request("ACK", self._via(leg.dest), cseq=invite.cseq.seq)
+            self.layer.send_stateless(ack, leg.dest)
+            if call.b is not None or call.ended:
+                # A second answer lost the race: acknowledge it and hang it up at once.
+                self._hang_up_loser(leg, dialog)
+                return
         leg.dialog = dialog
         leg.state = LegState.CONFIRMED
         call.b = leg
@@ -475,9 +510,11 @@ class B2BUA:
         out = self._response_for(a, resp, 200, "OK")
         out.headers.add("Contact", self._contact(a.dest))
         out.headers.add("Allow", ALLOW)
-        if resp.body:
-            self._add_sdp(out, resp.body, from_leg=leg, to_leg=a)
         assert isinstance(a.invite, ServerTransaction)
+        if offer is not None:
+            self._offer_in_2xx(out, leg, a, offer, invite.cseq.seq, a.invite)
+        elif resp.body:
+            self._add_sdp(out, resp.body, from_leg=leg, to_leg=a)
         a.dialog = Dialog.as_uas(a.invite.request, out, a.local_tag)
         a.state = LegState.CONFIRMED
         call.bridge = self.media.bridge(call.a_media, call.b_media)
@@ -571,6 +608,8 @@ class B2BUA:
             return
         if req.method == "BYE":
             self.layer.send_response(txn, req.make_response(200, "OK"), self._now())
+            if call.awaited is not None:  # a held ACK goes first: its phone awaits it
+                self._decline_awaited(call.awaited)
             if other is not None and other.dialog is not None and other.state is not LegState.ENDED:
                 bye = other.dialog.new_request("BYE", self._via(other.dest))
                 self.layer.send_request(bye, other.dest, self._now())
@@ -601,6 +640,8 @@ class B2BUA:
             extra = [(n, v) for n, v in extra if n.lower() != "content-type"]
             extra.append(("Content-Type", "application/sdp"))
         if req.method == "INVITE":
+            if not req.body:  # asks for an offer (D15): no body to type
+                extra = [(n, v) for n, v in extra if n.lower() != "content-type"]
             extra.append(("Allow", ALLOW))
         out = other.dialog.new_request(
             req.method,
@@ -641,8 +682,14 @@ class B2BUA:
         if txn.request.method == "INVITE" and 200 <= resp.status < 300 and other is not None:
             assert other.dialog is not None
             other.dialog.update_target(resp)
-            ack = other.dialog.new_request("ACK", self._via(other.dest), cseq=txn.request.cseq.seq)
-            self.layer.send_stateless(ack, other.dest)
+            if out.body and not txn.request.body:
+                # A re-INVITE without SDP: this 2xx offers, the requester's ACK answers (D15).
+                self._await_answer(other, to_leg, txn.request.cseq.seq, pending.server)
+            else:
+                ack = other.dialog.new_request(
+                    "ACK", self._via(other.dest), cseq=txn.request.cseq.seq
+                )
+                self.layer.send_stateless(ack, other.dest)
             out.headers.add("Contact", self._contact(to_leg.dest))
         if resp.status >= 200:
             self._relayed.pop(txn, None)
@@ -661,10 +708,22 @@ class B2BUA:
             return False
         if isinstance(leg.invite, ServerTransaction):
             self.layer.stop_2xx_retransmission(leg.invite)
+        aw = leg.call.awaited
+        if (
+            aw is not None
+            and aw.ack is None
+            and aw.answerer is leg
+            and req.cseq.seq == aw.answer_cseq
+        ):
+            self._answer_in_ack(aw, req)
         return True
 
     def on_ack_timeout(self, txn: ServerTransaction) -> None:
         """Our 2xx to the caller was never acknowledged (§13.3.1.4): hang up both sides."""
+        aw = self._awaiting.pop(txn, None)
+        if aw is not None:  # the answer will never come either
+            self._give_up_answer(aw, "no ack")
+            return
         call = self._by_invite.get(txn)
         if call is None:
             return
@@ -680,9 +739,124 @@ class B2BUA:
         leg = self._dialogs.get((resp.call_id, resp.from_.tag or ""))
         if leg is None or leg.dialog is None or resp.cseq.method != "INVITE":
             return
+        if resp.to.tag != leg.dialog.remote_tag:
+            return  # a losing fork's (forks share our tag): not this dialog's to acknowledge
+        aw = leg.call.awaited
+        if aw is not None and aw.offerer is leg and aw.cseq == resp.cseq.seq:
+            # A late offer's 2xx: absorbed until the answer comes, then the same ACK again.
+            if aw.ack is not None:
+                self.layer.send_stateless(aw.ack, leg.dest)
+                self.flush()
+            return
         ack = leg.dialog.new_request("ACK", self._via(leg.dest), cseq=resp.cseq.seq)
         self.layer.send_stateless(ack, leg.dest)
         self.flush()
+
+    # --- late offer: the offer in a 2xx, the answer in the ACK (D15) -----------------------
+    def _late_offer_of(self, leg: Leg, dialog: Dialog, resp: Response) -> SessionDescription | None:
+        """The offer in a late-offer fork's 2xx, or None if this 2xx cannot be the answer: it
+        lost the race, or has no SDP we can relay. Such a 2xx still gets its ACK, with an
+        answer declining every stream (§13.2.2.4: a valid answer, then BYE)."""
+        call = leg.call
+        offer = _sdp_or_none(resp.body)
+        if offer is not None and call.b is None and not call.ended:
+            return offer
+        # An o= of its own: the forks' shared one is the winner's.
+        body = self._declining(offer, OriginState()) if offer is not None else b""
+        self._ack(dialog, leg.dest, _invite_of(leg).cseq.seq, body)
+        if call.b is not None or call.ended:
+            self._hang_up_loser(leg, dialog)
+            return None
+        log.warning("late_offer_unusable", call=call.id, call_id=dialog.call_id, party=leg.party)
+        self._hang_up_loser(leg, dialog, reason=None)
+        self._on_fork_failed(leg, 488)  # the other forks may still answer
+        return None
+
+    def _hang_up_loser(
+        self, leg: Leg, dialog: Dialog, reason: str | None = COMPLETED_ELSEWHERE
+    ) -> None:
+        """BYE an answered fork that does not get the call (it has had its ACK)."""
+        extra = [("Reason", reason)] if reason else None
+        bye = dialog.new_request("BYE", self._via(leg.dest), extra=extra)
+        self.layer.send_request(bye, leg.dest, self._now())
+        leg.state = LegState.ENDED
+
+    def _offer_in_2xx(
+        self,
+        out: Response,
+        offerer: Leg,
+        answerer: Leg,
+        offer: SessionDescription,
+        cseq: int,
+        server: ServerTransaction,
+    ) -> None:
+        """Put `offerer`'s offer, pointed at `answerer`'s endpoint, into our 2xx `out`."""
+        self._remember(offerer, offer)
+        out.body = rewrite(
+            offer, self.media.address, self._ports(offer, answerer.media), answerer.origin
+        )
+        out.headers.set("Content-Type", "application/sdp")
+        self._await_answer(offerer, answerer, cseq, server)
+
+    def _await_answer(
+        self, offerer: Leg, answerer: Leg, cseq: int, server: ServerTransaction
+    ) -> None:
+        """Hold `offerer`'s ACK back until the ACK to our 2xx on `server` brings the answer."""
+        aw = AwaitedAck(offerer, answerer, cseq, server.request.cseq.seq, server)
+        offerer.call.awaited = aw
+        self._awaiting[server] = aw
+
+    def _answer_in_ack(self, aw: AwaitedAck, ack: Request) -> None:
+        """The answerer's ACK: its answer, rewritten, goes to the offerer in the held ACK."""
+        self._awaiting.pop(aw.server, None)
+        answer = _sdp_or_none(ack.body)
+        if answer is None:
+            self._give_up_answer(aw, "no answer in ack")
+            return
+        offerer = aw.offerer
+        assert offerer.dialog is not None
+        self._remember(aw.answerer, answer)
+        body = rewrite(
+            answer, self.media.address, self._ports(answer, offerer.media), offerer.origin
+        )
+        aw.ack = self._ack(offerer.dialog, offerer.dest, aw.cseq, body)
+        log.info("late_offer_answered", call=offerer.call.id, call_id=ack.call_id)
+        self.flush()
+
+    def _give_up_answer(self, aw: AwaitedAck, reason: str) -> None:
+        """No answer will come (no ACK, or one without usable SDP): the offerer still gets
+        its ACK (declining every stream), then both phones a BYE."""
+        self._decline_awaited(aw)
+        call = aw.offerer.call
+        log.warning(
+            "late_offer_failed", call=call.id, call_id=aw.server.request.call_id, reason=reason
+        )
+        for leg in (call.a, call.b):
+            if leg is not None and leg.dialog is not None and leg.state is not LegState.ENDED:
+                bye = leg.dialog.new_request("BYE", self._via(leg.dest))
+                self.layer.send_request(bye, leg.dest, self._now())
+        self._end(call, reason)
+        self.flush()
+
+    def _decline_awaited(self, aw: AwaitedAck) -> None:
+        """Send the held ACK, if still held, with an answer declining every stream."""
+        self._awaiting.pop(aw.server, None)
+        offerer = aw.offerer
+        if aw.ack is not None or offerer.dialog is None:
+            return
+        body = self._declining(offerer.sdp, offerer.origin) if offerer.sdp else b""
+        aw.ack = self._ack(offerer.dialog, offerer.dest, aw.cseq, body)
+
+    def _declining(self, offer: SessionDescription, origin: OriginState) -> bytes:
+        """An answer to `offer` that rejects every stream (port 0), codecs left as offered."""
+        return rewrite(offer, self.media.address, [0] * len(offer.media), origin)
+
+    def _ack(self, dialog: Dialog, dest: Address, cseq: int, body: bytes) -> Request:
+        """Send (and return) the ACK for our INVITE `cseq` in `dialog`, with SDP `body`."""
+        extra = [("Content-Type", "application/sdp")] if body else None
+        ack = dialog.new_request("ACK", self._via(dest), cseq=cseq, extra=extra, body=body)
+        self.layer.send_stateless(ack, dest)
+        return ack
 
     # --- taking a call over from another phone (pickup, retrieve) ---------------------------
     def find_call(self, call_id: str) -> Call | None:
@@ -703,6 +877,14 @@ class B2BUA:
         """
         a = call.a
         assert a is not None and isinstance(a.invite, ServerTransaction)
+        if call.late:
+            # The caller has made no offer: its answer would only come in the ACK to a 2xx,
+            # while the picker's INVITE waits for one. Not done (D15): refused, and said so.
+            log.warning("pickup_refused", user=party, call=call.id, reason="late offer")
+            resp = req.make_response(488, "Not Acceptable Here", to_tag=new_tag())
+            self.layer.send_response(txn, resp, self._now())
+            self.flush()
+            return
         theirs = self._offer_of(req, txn)
         if theirs is None or call.offer is None:
             return
@@ -1084,6 +1266,8 @@ class B2BUA:
                 del self._call_ids[cid]
         if call.a is not None and isinstance(call.a.invite, ServerTransaction):
             self._by_invite.pop(call.a.invite, None)
+        if call.awaited is not None:
+            self._awaiting.pop(call.awaited.server, None)
         self._release_media(call)
         log.info("call_ended", call=call.id, reason=reason, by=by)
         self._publish(call, CallState.ENDED, reason=reason)
@@ -1270,6 +1454,16 @@ def _bind(fn: Callable[..., None], *args: Any) -> Callable[[], None]:
 def _is_appearance(name: str, value: str) -> bool:
     """SCA's `Call-Info: ...;appearance-index=N` is about our line, not for the far end."""
     return name.lower() == "call-info" and "appearance-" in value.lower()
+
+
+def _sdp_or_none(body: bytes) -> SessionDescription | None:
+    """`body` as SDP; None if there is none or it does not parse (never relayed, D7)."""
+    if not body:
+        return None
+    try:
+        return parse_sdp(body)
+    except SdpError:
+        return None
 
 
 def _parses(body: bytes) -> bool:

@@ -675,3 +675,52 @@ def test_ring_time_over_gives_480_and_cancels_every_phone(
         reasons[run.name] = one(received_requests(run, "CANCEL"), run.name).get("reason")
     # no "completed elsewhere" for an unanswered call: it would hide it from missed calls
     assert COMPLETED_ELSEWHERE not in reasons.values(), reasons
+
+
+# --------------------------------------------------------------------------------------------
+# 5. late offer (D15): no SDP in the INVITE, the offer in the 200, the answer in the ACK
+
+
+@pytest.mark.e2e_timeout(60)
+def test_late_offer_call_offer_in_200_answer_in_ack_both_through_the_relay(
+    switch: MakeService, peers: Peers, require_sipp: str
+) -> None:
+    """Dave's SIPp is a delayed-offer trunk: its INVITE has no SDP. Eve's SIPp phone must get
+    an INVITE without SDP and answer with an offer; Dave's 200 must carry that offer pointed at
+    our relay, and Eve's ACK Dave's answer, pointed at our relay too (the other endpoint)."""
+    svc = switch()
+    media_lo, media_hi = svc.config.media_ports
+    eve = peers.uas(svc, EVE, "uas_late_offer.xml")
+    dave = start_sipp(
+        "uac_late_offer.xml",
+        target=svc.sip_addr,
+        workdir=peers.tmp_path / "sipp",
+        name="uac_late_offer",
+        keys={"caller": DAVE.extension},
+        extra=["-s", EVE.extension, "-au", DAVE.extension, "-ap", DAVE.password],
+    )
+    peers.sipps.append(dave)
+    attach_diagnostics(peers.request.node, dave.describe)
+
+    caller = dave.wait(20)
+    assert caller.returncode == 0 and caller.successful == 1, caller.describe()
+    callee = eve.wait(10)
+    assert callee.returncode == 0 and callee.successful == 1, callee.describe()
+
+    invite = one(received_requests(eve, "INVITE"), "INVITE at Eve's phone")
+    assert invite.body == b"" and invite.get("content-type") is None, invite.text()
+    ok = one(
+        [m for m in caller.messages("received") if m.is_response and m.status == 200
+         and m.method == "INVITE"],
+        "200 for Dave's INVITE",
+    )  # fmt: skip
+    offer_addr, offer_port = sdp_audio(ok.body)
+    assert offer_addr == LOOPBACK and media_lo <= offer_port <= media_hi, ok.text()
+    assert "a=rtpmap:8 PCMA/8000" in ok.body.decode(), "the callee's codecs must pass as offered"
+    ack = one(received_requests(eve, "ACK"), "ACK at Eve's phone")
+    assert header(ack, "content-type") == "application/sdp", ack.text()
+    answer_addr, answer_port = sdp_audio(ack.body)
+    assert answer_addr == LOOPBACK and media_lo <= answer_port <= media_hi, ack.text()
+    assert answer_port != offer_port, "each phone must face its own relay endpoint"
+    wait_for_event(svc, "late_offer_answered")
+    wait_for_event(svc, "call_ended", reason="bye")

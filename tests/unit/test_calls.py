@@ -16,8 +16,11 @@ from softswitch.lines import CallState, Direction, LineBus, LineEvent
 from softswitch.sip.message import Request, Response, parse_message
 from softswitch.sip.transaction import Address
 from softswitch.sip.transaction_layer import (
+    AckReceived,
+    AckTimeout,
     RequestReceived,
     ResponseReceived,
+    StrayResponse,
     TransactionLayer,
     TransactionTimeout,
 )
@@ -93,6 +96,12 @@ class Rig:
         while (ev := self.layer.next_event()) is not None:
             if isinstance(ev, ResponseReceived):
                 self.b2bua.on_response(ev.txn, ev.response)
+            elif isinstance(ev, AckReceived):
+                self.b2bua.on_ack(ev.request)
+            elif isinstance(ev, AckTimeout):
+                self.b2bua.on_ack_timeout(ev.txn)  # type: ignore[arg-type]
+            elif isinstance(ev, StrayResponse):
+                self.b2bua.on_stray_2xx(ev.response)
             elif isinstance(ev, TransactionTimeout):
                 self.b2bua.on_timeout(ev.txn)  # type: ignore[arg-type]
 
@@ -122,16 +131,19 @@ class Rig:
         call_id: str = "call-1",
         caller: Address = CALLER,
         phones: list[Address] | None = None,
+        body: bytes = SDP,
     ) -> Any:
+        """The caller's INVITE (`body=b""`: a late offer), forked to `n_targets` phones."""
+        ctype = "Content-Type: application/sdp\r\n" if body else ""
         raw = (
             "INVITE sip:1001@127.0.0.1 SIP/2.0\r\n"
             f"Via: SIP/2.0/UDP {caller.host}:{caller.port};branch=z9hG4bK{call_id}\r\n"
             'From: "Dave" <sip:1004@127.0.0.1>;tag=abc\r\nTo: <sip:1001@127.0.0.1>\r\n'
             f"Call-ID: {call_id}\r\nCSeq: 1 INVITE\r\n"
             f"Contact: <sip:1004@{caller.host}:{caller.port}>\r\n"
-            "Max-Forwards: 70\r\nContent-Type: application/sdp\r\n"
-            f"Content-Length: {len(SDP)}\r\n\r\n"
-        ).encode() + SDP
+            f"Max-Forwards: 70\r\n{ctype}"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        ).encode() + body
         self.layer.receive(parse_message(raw), caller, self.now)
         ev = self.layer.next_event()
         assert isinstance(ev, RequestReceived)
@@ -248,6 +260,22 @@ async def test_late_second_answer_is_acked_and_hung_up() -> None:
     assert len(rig.take(PHONES[1], "ACK")) == 1
     assert len(rig.take(PHONES[1], "BYE")) == 1
     assert len(rig.take(CALLER, "200")) == 1
+
+
+async def test_retransmitted_2xx_is_acked_again_in_its_own_dialog_only() -> None:
+    """RFC 6026 Accepted: a 2xx retransmitted on the INVITE transaction wants its ACK again
+    (§13.2.2.4); a losing fork's (forks share our tag) must not be ACKed in the winner's."""
+    rig = Rig()
+    await rig.invite(2)
+    rig.answer(PHONES[0], 180, "t0")
+    rig.answer(PHONES[1], 180, "t1")
+    rig.answer(PHONES[0], 200, "t0", SDP)
+    rig.answer(PHONES[0], 200, "t0", SDP)  # our ACK was lost
+    first, again = rig.take(PHONES[0], "ACK")
+    assert (again.cseq.seq, again.to.tag, again.body) == (first.cseq.seq, "t0", b"")
+    rig.answer(PHONES[1], 200, "t1", SDP)  # crossed with our CANCEL: ACK and BYE
+    rig.answer(PHONES[1], 200, "t1", SDP)
+    assert len(rig.take(PHONES[0], "ACK")) == 2 and len(rig.take(PHONES[1], "ACK")) == 1
 
 
 @pytest.mark.parametrize("who", ["caller", "callee"])
