@@ -328,6 +328,9 @@ class B2BUA:
                 self._later(t0, target.delay, _bind(self._fork, call, target, caller_pai))
             else:
                 self._fork(call, target, caller_pai, log_it=False)
+        # The fork set leaves first: the log line and the line event (its NOTIFYs to every
+        # BLF key watching the line) are bookkeeping the ringing phones need not wait for.
+        self.flush()
         now_forks = [t for t in targets if t.delay <= 0]
         log.info(
             "call_forked",

@@ -12,8 +12,14 @@ So the transport measures each datagram's age (the kernel's receive timestamp) a
 drops, unparsed, the requests that start new work and waited longer than `max_delay`; their
 senders retransmit, and the copy that is fresh enough is handled. Dropping costs a few
 microseconds, so the queue drains to `max_delay` and the service keeps answering at its full
-rate with a bounded delay. Responses, ACK, CANCEL and BYE are never dropped: they finish or
-free work that is already paid for.
+rate with a bounded delay.
+
+What finishes work already paid for is never dropped, however late: responses, ACK, CANCEL,
+BYE, and requests that answer our challenge (they carry Authorization or Proxy-Authorization).
+A registration or a call is two requests, the second one authenticated; dropping the second
+would waste the 401 spent on the first and leave the phone waiting longest (measured in
+docs/benchmarks.md), so under overload the service refuses new work at the door and completes
+what it has started.
 
 Sans-I/O: the caller supplies the age and the clock; the policy only counts and decides.
 """
@@ -22,8 +28,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-#: Requests that finish or free work already done: never dropped, however late.
+#: Messages that finish or free work already done: never dropped, however late.
 _ALWAYS = (b"SIP/", b"ACK ", b"CANCEL ", b"BYE ")
+
+#: In "Authorization:" and "Proxy-Authorization:" whatever the case of the first letter.
+_CREDENTIALS = (b"uthorization:", b"UTHORIZATION:")
 
 #: Seconds between two `OverloadReport`s while datagrams are being dropped.
 REPORT_INTERVAL = 1.0
@@ -61,6 +70,8 @@ class StaleFilter:
         """False if `data` is a new-work request that waited longer than `max_delay`."""
         if age <= self.max_delay or not self.max_delay or data.startswith(_ALWAYS):
             return True
+        if _CREDENTIALS[0] in data or _CREDENTIALS[1] in data:
+            return True  # answers our challenge: the second half of work already begun
         self.dropped += 1
         if age > self._oldest:
             self._oldest = age

@@ -50,6 +50,15 @@ def test_what_finishes_work_is_never_dropped(data: bytes) -> None:
     assert StaleFilter(0.5).admit(data, 30.0)
 
 
+@pytest.mark.parametrize("header", [b"Authorization", b"Proxy-Authorization", b"AUTHORIZATION"])
+def test_requests_answering_a_challenge_are_kept(header: bytes) -> None:
+    """The authenticated REGISTER or INVITE completes work the 401/407 already paid for."""
+    f = StaleFilter(0.5)
+    data = REGISTER[:-2] + header + b': Digest username="1001"\r\n\r\n'
+    assert f.admit(data, 5.0)
+    assert f.dropped == 0
+
+
 def test_zero_turns_the_filter_off() -> None:
     assert StaleFilter(0).admit(INVITE, 30.0)
 
