@@ -406,20 +406,3 @@ def service_events(svc: SoftswitchService, event: str | None = None) -> list[dic
         if event is None or obj.get("event") == event:
             out.append(obj)
     return out
-
-
-def wait_for_events(
-    svc: SoftswitchService, event: str, count: int = 1, timeout: float = 5.0
-) -> list[dict[str, Any]]:
-    """`service_events(svc, event)` once it holds at least `count` lines (or at `timeout`).
-
-    The service logs a call's end after it has sent the response that ends it, so a peer can
-    see the response before the line is written: tests that read the log right after a SIP
-    outcome wait for it here instead of racing the service.
-    """
-    deadline = time.monotonic() + timeout
-    while True:
-        events = service_events(svc, event)
-        if len(events) >= count or time.monotonic() >= deadline:
-            return events
-        time.sleep(0.02)
