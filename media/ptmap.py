@@ -17,8 +17,9 @@ Encodings match by name (case-insensitive), clock rate and channels, as in `a=rt
 
 Left alone on purpose:
 - a payload type Y's SDP does not name (the packet passes unchanged: we do not drop media);
-- a payload type whose encoding X's own SDP also lists under Y's number: X offered two variants
-  of one encoding (AMR-WB octet-aligned or not, told apart by fmtp), and this is the other one;
+- a payload type X's own SDP lists with the same encoding as Y's number: X offered two
+  variants of one encoding (AMR-WB octet-aligned or not, told apart by fmtp), and Y took the
+  other one;
 - 64-95 on either side, where RTCP multiplexed on the RTP port lives (RFC 5761 §4);
 - secure profiles (RTP/SAVP, RTP/SAVPF, UDP/TLS/...): SRTP authenticates the header, so a
   rewritten packet would fail authentication. The gap stays open for SRTP.
@@ -109,8 +110,10 @@ def pt_map(
     out: dict[int, int] = {}
     for pt, enc in sends.items():
         target = first.get(enc)
-        if target is None or expects.get(pt) == enc or own_enc.get(target) == enc:
+        if target is None or expects.get(pt) == enc:
             continue
+        if own_enc.get(pt) == enc and own_enc.get(target) == enc:
+            continue  # X offered both: two variants of one encoding, not a renumbering
         if pt not in _MUX_RANGE and target not in _MUX_RANGE:
             out[pt] = target
     return out or None

@@ -93,6 +93,14 @@ def test_a_second_variant_of_an_encoding_is_not_renumbered() -> None:
     assert pt_map(y, x, y) is None
 
 
+def test_a_phone_still_sending_the_numbers_it_was_sent_is_mapped() -> None:
+    """Attended transfer: X was sent the old far end's 101, offered 96 itself, and Y now
+    expects 96. X's own 96 is no second variant: X's 101 came from the SDP it received."""
+    old = sdp("0 101", "a=rtpmap:101 telephone-event/8000")
+    new = sdp("0 96", "a=rtpmap:96 telephone-event/8000")
+    assert pt_map(old, new, new) == {101: 96}
+
+
 def test_rtcp_mux_range_and_srtp_are_left_alone() -> None:
     x = sdp("0 72 101", "a=rtpmap:72 foo/8000", "a=rtpmap:101 telephone-event/8000")
     y = sdp("0 96 100", "a=rtpmap:96 foo/8000", "a=rtpmap:100 telephone-event/8000")
