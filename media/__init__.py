@@ -20,6 +20,7 @@ from media.bridge import Bridge, BridgeStats, FlowStats, RelayBridge, Tap
 from media.endpoint import Address, PacketHandler, RtpEndpoint, RtpSocket, drop
 from media.errors import BridgeError, EndpointClosed, MediaError, PortsExhausted, SdpError
 from media.ports import PortAllocator
+from media.ptmap import PtMap, PtMaps, pt_map, pt_maps
 from media.relay import MediaManager, MediaStats
 from media.sdp import (
     Connection,
@@ -51,6 +52,8 @@ __all__ = [
     "PacketHandler",
     "PortAllocator",
     "PortsExhausted",
+    "PtMap",
+    "PtMaps",
     "RelayBridge",
     "RtpEndpoint",
     "RtpSocket",
@@ -60,5 +63,7 @@ __all__ = [
     "drop",
     "is_hold",
     "parse_sdp",
+    "pt_map",
+    "pt_maps",
     "rewrite",
 ]

@@ -3,7 +3,10 @@
 A `Bridge` owns the `on_packet` handlers of its endpoints while it is started; stopping it puts
 the drop handler back. `RelayBridge` forwards two endpoints to each other (RTP to RTP, RTCP to
 RTCP) by installing the other side's `RtpSocket.send` as the handler: one Python call per packet,
-no parsing. Future media functions plug in at the same place:
+no parsing. Where the two phones number a payload format differently (D9, media/ptmap.py), that
+direction's RTP handler is a small function instead, rewriting the payload type in byte 1 through
+a 256-entry table; RTCP, and every direction that needs no map, keep the bare `send`. Future media
+functions plug in at the same place:
 
 - a recorder taps a relay bridge (`RelayBridge.set_tap`): its tap sees every forwarded packet
   after it was sent, and the untapped fast path stays as it is;
@@ -20,11 +23,13 @@ from dataclasses import dataclass
 
 from media.endpoint import PacketHandler, RtpEndpoint, RtpSocket, drop
 from media.errors import BridgeError, EndpointClosed
+from media.ptmap import Heads, PtMaps, heads
 
 log = logging.getLogger(__name__)
 
 Tap = Callable[[RtpEndpoint, bool, bytes], None]
-"""Sees each forwarded packet: (endpoint it arrived on, is_rtcp, packet). Must be quick."""
+"""Sees each forwarded packet: (endpoint it arrived on, is_rtcp, packet). Must be quick.
+The packet is as it arrived, in the sending phone's payload type numbering (D9)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,12 +89,21 @@ class Bridge(ABC):
 class RelayBridge(Bridge):
     """Forwards everything `a` receives to `b`'s remote and vice versa."""
 
-    __slots__ = ("_base", "_tap")
+    __slots__ = ("_base", "_maps", "_tables", "_tap")
 
-    def __init__(self, a: RtpEndpoint, b: RtpEndpoint, tap: Tap | None = None) -> None:
+    def __init__(
+        self,
+        a: RtpEndpoint,
+        b: RtpEndpoint,
+        tap: Tap | None = None,
+        pt_maps: PtMaps | None = None,
+    ) -> None:
         super().__init__(a, b)
         self._tap = tap
         self._base: tuple[int, ...] = (0,) * 8
+        self._maps: PtMaps | None = None
+        self._tables: tuple[Heads | None, Heads | None] = (None, None)
+        self._set_maps(pt_maps)
 
     @property
     def a(self) -> RtpEndpoint:
@@ -109,6 +123,30 @@ class RelayBridge(Bridge):
         if self.active:
             self._install()
 
+    @property
+    def pt_maps(self) -> PtMaps | None:
+        """The payload type maps in force (None: both directions forwarded untouched)."""
+        return self._maps
+
+    def set_pt_maps(self, pt_maps: PtMaps | None) -> None:
+        """Change the payload type maps of a bridge (after a re-INVITE changed the numbering)."""
+        if pt_maps == self._maps:
+            return
+        self._set_maps(pt_maps)
+        if self.active:
+            self._install()
+
+    def _set_maps(self, pt_maps: PtMaps | None) -> None:
+        if pt_maps is None or pt_maps == (None, None):
+            self._maps, self._tables = None, (None, None)
+            return
+        self._maps = pt_maps
+        a_to_b, b_to_a = pt_maps
+        self._tables = (
+            heads(a_to_b) if a_to_b else None,
+            heads(b_to_a) if b_to_a else None,
+        )
+
     def stats(self) -> BridgeStats:
         now = self._counters()
         d = [n - b for n, b in zip(now, self._base, strict=True)]
@@ -123,15 +161,19 @@ class RelayBridge(Bridge):
 
     def _install(self) -> None:
         a, b = self.endpoints
-        for src, dst in ((a, b), (b, a)):
-            src.rtp.on_packet = self._forwarder(src, dst.rtp, False)
-            src.rtcp.on_packet = self._forwarder(src, dst.rtcp, True)
+        for src, dst, pt_table in ((a, b, self._tables[0]), (b, a, self._tables[1])):
+            src.rtp.on_packet = self._forwarder(src, dst.rtp, False, pt_table)
+            src.rtcp.on_packet = self._forwarder(src, dst.rtcp, True, None)  # RTCP: never
 
-    def _forwarder(self, src: RtpEndpoint, dst: RtpSocket, is_rtcp: bool) -> PacketHandler:
+    def _forwarder(
+        self, src: RtpEndpoint, dst: RtpSocket, is_rtcp: bool, pt_table: Heads | None
+    ) -> PacketHandler:
         tap = self._tap
+        send: PacketHandler = dst.send
+        if pt_table is not None:
+            send = _rewriting(send, pt_table)
         if tap is None:
-            return dst.send  # the fast path: a bound method, nothing in between
-        send = dst.send
+            return send  # the fast path: `dst.send` itself when there is no map
 
         def forward(data: bytes) -> None:
             send(data)
@@ -143,3 +185,24 @@ class RelayBridge(Bridge):
                 self.set_tap(None)
 
         return forward
+
+
+def _rewriting(send: PacketHandler, table: Heads) -> PacketHandler:
+    """`send` behind a payload type rewrite (see `media.ptmap.heads`).
+
+    An unmapped payload type costs two indexings and a compare; a mapped one also one
+    concatenation (bytes are immutable: the packet is copied once, header bytes prebuilt).
+    A packet too short to have a byte 1 goes out as it came.
+    """
+
+    def forward(data: bytes) -> None:
+        try:
+            column = table[data[1]]
+        except IndexError:
+            send(data)
+            return
+        if column is not None:
+            data = column[data[0]] + data[2:]
+        send(data)
+
+    return forward

@@ -3,7 +3,8 @@
 `on_packet` is the plug point: every packet from the latched source is handed to it. It drops
 by default, a `RelayBridge` points it at the other leg's `RtpSocket.send`, a recorder or a mixer
 can put its own callable there. Nothing on the packet path parses RTP, awaits or allocates
-beyond the packet's own bytes.
+beyond the packet's own bytes (a bridge that renumbers payload types reads header byte 1 and
+copies the packet once, and only in the directions that need it: D9).
 
 Symmetric latching (phones behind NAT send from, and must be sent to, their NAT mapping, not the
 address in their SDP): each socket sends to the address the SDP announced until a packet

@@ -1,11 +1,11 @@
 """Offer/answer helpers for when the B2BUA holds two offers and must answer both (RFC 3264).
 
 Picking up a ringing call or retrieving a held one joins a phone that sent its own offer to a
-leg that already has one. The relay forwards packets untouched, so each side is answered with
-its *own* offer restricted to the codecs the other side also offered: both then send a codec the
-other decodes. Codecs match by encoding name and clock rate (static payload types by number).
-A dynamic payload type numbered differently on the two sides (telephone-event as 101 vs 96) is
-kept on each side under its own number; re-numbering it would need the relay to rewrite RTP.
+leg that already has one. Each side is answered with its *own* offer restricted to the codecs
+the other side also offered: both then send a codec the other decodes. Codecs match by encoding
+name and clock rate (static payload types by number). A dynamic payload type numbered
+differently on the two sides (telephone-event as 101 vs 96) is kept on each side under its own
+number, and the relay rewrites it in the packets (media/ptmap.py, D9).
 """
 
 from __future__ import annotations

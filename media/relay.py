@@ -30,6 +30,7 @@ from media.endpoint import RTCP_RELATCH_AFTER, RTP_RELATCH_AFTER, RtpEndpoint
 from media.errors import PortsExhausted
 from media.poller import Poller
 from media.ports import PortAllocator
+from media.ptmap import PtMaps
 
 _RETRY_ERRNOS = frozenset({errno.EADDRINUSE, errno.EACCES})
 """Bind errors that concern one port (another process holds it): try the next pair."""
@@ -207,13 +208,19 @@ class MediaManager:
             self._totals[i] += n
         self._ports.release(endpoint.port)
 
-    def bridge(self, a: RtpEndpoint, b: RtpEndpoint, tap: Tap | None = None) -> RelayBridge:
-        """Relay `a` and `b` to each other.
+    def bridge(
+        self,
+        a: RtpEndpoint,
+        b: RtpEndpoint,
+        tap: Tap | None = None,
+        pt_maps: PtMaps | None = None,
+    ) -> RelayBridge:
+        """Relay `a` and `b` to each other, rewriting payload types where `pt_maps` says (D9).
 
         Raise `BridgeError` if either is bridged already (unbridge it first: a transfer is
         unbridge + bridge), `EndpointClosed` if either was released.
         """
-        bridge = RelayBridge(a, b, tap)
+        bridge = RelayBridge(a, b, tap, pt_maps)
         bridge.start()
         self._bridges.add(bridge)
         return bridge

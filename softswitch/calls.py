@@ -27,6 +27,7 @@ import structlog
 
 from media.errors import MediaError, PortsExhausted, SdpError
 from media.negotiation import answer_from_offer
+from media.ptmap import PtMaps, pt_maps
 from media.sdp import Direction as SdpDirection
 from media.sdp import OriginState, SessionDescription, parse_sdp, rewrite
 
@@ -81,7 +82,9 @@ class Media(Protocol):
 
     def release(self, endpoint: Any) -> None: ...
 
-    def bridge(self, a: Any, b: Any) -> Any: ...
+    def bridge(self, a: Any, b: Any, *, pt_maps: PtMaps | None = None) -> Any:
+        """Relay `a` and `b`; the result has `set_pt_maps(PtMaps | None)` (media.RelayBridge)."""
+        ...
 
     def unbridge(self, bridge: Any) -> None: ...
 
@@ -115,6 +118,7 @@ class Leg:
     media: Any = None  # the relay endpoint facing this leg's phone
     keys: list[tuple[str, str]] = field(default_factory=list)  # its entries in B2BUA._dialogs
     sdp: SessionDescription | None = None  # what this leg's phone last sent
+    sent: SessionDescription | None = None  # what we last sent it (its payload type numbers)
     identity: str = ""  # who this leg's phone presents (extension or number)
     name: str | None = None
 
@@ -500,6 +504,7 @@ class B2BUA:
                 return
         leg.dialog = dialog
         leg.state = LegState.CONFIRMED
+        leg.sent = call.offer  # every fork got it (None in a late-offer call)
         call.b = leg
         self._index_leg(leg, call.b_call_id, call.b_from_tag)
         for other in call.forks:
@@ -520,7 +525,7 @@ class B2BUA:
             self._add_sdp(out, resp.body, from_leg=leg, to_leg=a)
         a.dialog = Dialog.as_uas(a.invite.request, out, a.local_tag)
         a.state = LegState.CONFIRMED
-        call.bridge = self.media.bridge(call.a_media, call.b_media)
+        call.bridge = self.media.bridge(call.a_media, call.b_media, pt_maps=self._pt_maps(call))
         self.layer.send_response(a.invite, out, self._now(), retransmit_2xx=True)
         log.info("call_answered", call=call.id, party=leg.party)
         self._publish(call, CallState.ACTIVE)
@@ -677,6 +682,8 @@ class B2BUA:
         if resp.body and other is not None and txn.request.method in ("INVITE", "UPDATE"):
             out.body = self._rewrite_for(to_leg.call, resp.body, from_leg=other, to_leg=to_leg)
             out.headers.add("Content-Type", "application/sdp")
+            if 200 <= resp.status < 300 and txn.request.body:  # an offer/answer completed
+                self._refresh_pt_maps(to_leg.call)
         elif resp.body:
             out.body = resp.body
             ctype = resp.headers.get("content-type")
@@ -795,6 +802,7 @@ class B2BUA:
     ) -> None:
         """Put `offerer`'s offer, pointed at `answerer`'s endpoint, into our 2xx `out`."""
         self._remember(offerer, offer)
+        answerer.sent = offer
         out.body = rewrite(
             offer, self.media.address, self._ports(offer, answerer.media), answerer.origin
         )
@@ -819,10 +827,12 @@ class B2BUA:
         offerer = aw.offerer
         assert offerer.dialog is not None
         self._remember(aw.answerer, answer)
+        offerer.sent = answer
         body = rewrite(
             answer, self.media.address, self._ports(answer, offerer.media), offerer.origin
         )
         aw.ack = self._ack(offerer.dialog, offerer.dest, aw.cseq, body)
+        self._refresh_pt_maps(offerer.call)
         log.info("late_offer_answered", call=offerer.call.id, call_id=ack.call_id)
         self.flush()
 
@@ -876,7 +886,8 @@ class B2BUA:
         """Answer a ringing call from another phone (`*8`, `Replaces;early-only`).
 
         The caller's INVITE and the picker's INVITE are both offers: each is answered with its
-        own offer restricted to the codecs the other offered (media.negotiation).
+        own offer restricted to the codecs the other offered (media.negotiation), so each keeps
+        its own payload type numbers and the bridge maps between them (D9).
         """
         a = call.a
         assert a is not None and isinstance(a.invite, ServerTransaction)
@@ -903,7 +914,7 @@ class B2BUA:
         call.b = c
         self._index_leg(c, req.call_id, c.local_tag)
         self._index_call_id(call, req.call_id)
-        call.bridge = self.media.bridge(call.a_media, call.b_media)
+        call.bridge = self.media.bridge(call.a_media, call.b_media, pt_maps=self._pt_maps(call))
         log.info("call_picked_up", call=call.id, party=party)
         self._publish(call, CallState.ACTIVE)
         self.flush()
@@ -960,10 +971,11 @@ class B2BUA:
         ack = far.dialog.new_request("ACK", self._via(far.dest), cseq=txn.request.cseq.seq)
         self.layer.send_stateless(ack, far.dest)
         out = server.request.make_response(200, "OK", to_tag=c.local_tag)
-        try:
-            self._finish_answer(c, out, parse_sdp(resp.body))
-        except SdpError:
-            self._finish_answer(c, out, None)
+        answer = _sdp_or_none(resp.body)
+        if answer is not None:
+            self._remember(far, answer)  # what the far end now expects to receive
+            far.sent = c.sdp  # it answered the new phone's offer
+        self._finish_answer(c, out, answer)
         if old.dialog is not None:
             bye = old.dialog.new_request(
                 "BYE", self._via(old.dest), extra=[("Reason", RETRIEVED_ELSEWHERE)]
@@ -983,6 +995,7 @@ class B2BUA:
                 for r in call.lines
             ]
         call.held_by, call.private = None, False
+        self._refresh_pt_maps(call)  # the new phone's numbering replaces the old phone's
         log.info("call_retrieved", call=call.id, party=c.party, previous=old.party)
         self._publish(call, CallState.ACTIVE)
         self.flush()
@@ -1004,6 +1017,7 @@ class B2BUA:
         if desc is not None:
             resp.body = rewrite(desc, self.media.address, self._ports(desc, leg.media), leg.origin)
             resp.headers.add("Content-Type", "application/sdp")
+            leg.sent = desc
         leg.dialog = Dialog.as_uas(leg.invite.request, resp, leg.local_tag)
         leg.state = LegState.CONFIRMED
         self.layer.send_response(leg.invite, resp, self._now(), retransmit_2xx=True)
@@ -1080,6 +1094,7 @@ class B2BUA:
         if answer is not None:
             self._remember(leg, answer)
             self._reinvite(far, answer)
+            self._refresh_pt_maps(t)
         t.transfer = None
         self._notify_refer(tr.transferor, "SIP/2.0 200 OK", final=True)
         self._hang_up(tr.transferor, "transferred")
@@ -1156,9 +1171,10 @@ class B2BUA:
             call1.b = far2
         else:
             call1.a = far2
-        call1.bridge = self.media.bridge(far1.media, far2.media)
         self._reinvite(far1, far2.sdp)
         self._reinvite(far2, far1.sdp)
+        # Two far ends that never negotiated with each other: the numbering may well differ.
+        call1.bridge = self.media.bridge(far1.media, far2.media, pt_maps=self._pt_maps(call1))
         self._notify_refer(x1, "SIP/2.0 200 OK", final=True)
         for x in (x1, x2):
             self._hang_up(x, "transferred")
@@ -1180,6 +1196,7 @@ class B2BUA:
         body = rewrite(
             _sendrecv(desc), self.media.address, self._ports(desc, leg.media), leg.origin
         )
+        leg.sent = desc
         req = leg.dialog.new_request(
             "INVITE",
             self._via(leg.dest),
@@ -1203,6 +1220,7 @@ class B2BUA:
             self.layer.send_stateless(ack, leg.dest)
             with contextlib.suppress(SdpError):
                 self._remember(leg, parse_sdp(resp.body))
+                self._refresh_pt_maps(leg.call)  # its answer may number things its own way
         self.flush()
 
     def _hang_up(self, leg: Leg, reason: str) -> None:
@@ -1388,6 +1406,7 @@ class B2BUA:
             log.warning("sdp_unusable", call=call.id, party=from_leg.party, error=str(exc))
             return b""
         self._remember(from_leg, desc)
+        to_leg.sent = desc
         return rewrite(desc, self.media.address, self._ports(desc, to_leg.media), to_leg.origin)
 
     @staticmethod
@@ -1426,6 +1445,26 @@ class B2BUA:
                 except MediaError:
                     pass
                 return
+
+    @staticmethod
+    def _pt_maps(call: Call) -> PtMaps | None:
+        """Payload type maps for the bridge of `call` (a_media -> b_media first), D9.
+
+        Each phone sends with the numbers of the SDP it received and expects those of the SDP
+        it sent (media/ptmap.py). A plain call relays both SDPs as they are: `pt_maps` sees
+        that with two identity checks and a subset test, and computes nothing.
+        """
+        x, y = call.a, call.b
+        if x is None or y is None:
+            return None
+        if x.media is not call.a_media:
+            x, y = y, x
+        return pt_maps(x.sent, x.sdp, y.sent, y.sdp)
+
+    def _refresh_pt_maps(self, call: Call) -> None:
+        """After an offer/answer on a bridged call: the numbering may have changed either way."""
+        if call.bridge is not None:
+            call.bridge.set_pt_maps(self._pt_maps(call))
 
     def _via(self, dest: Address) -> str:
         return self._via_parts(dest)[0]

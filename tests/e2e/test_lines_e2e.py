@@ -25,11 +25,14 @@ Everything stays on 127.0.0.1 and is bounded (``e2e_timeout``, baresip ``-t``, S
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import struct
 import time
 import urllib.parse
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
@@ -57,7 +60,7 @@ from .harness.service import (
     start_fresh,
     stop_all,
 )
-from .harness.sipclient import SipMessage
+from .harness.sipclient import SipMessage, offer_sdp
 from .harness.sipp import SippProcess, start_sipp
 
 pytestmark = pytest.mark.e2e
@@ -990,6 +993,57 @@ def test_pickup_by_star8_from_a_delegate_who_opted_out_of_ringing(
     assert_audio(received, sent, "Dave -> Carol")
     ends_idle(svc, watcher, since)
     assert refused(carol, svc, "*22") == "480 Ringing On For 1001"
+
+
+def rtp_packet(payload_type: int, seq: int, marker: bool = False) -> bytes:
+    """A 12-byte RTP header (version 2, SSRC 0xD9) and a 4-byte payload."""
+    b1 = payload_type | (0x80 if marker else 0)
+    return struct.pack("!BBHII", 0x80, b1, seq, seq * 160, 0xD9) + b"\x05\x0a\x00\xa0"
+
+
+def receive_rtp(phone: RawPhone, count: int, timeout: float = 5.0) -> list[bytes]:
+    """The next ``count`` RTP packets at ``phone``'s RTP port (RTCP skipped)."""
+    got: list[bytes] = []
+    deadline = time.monotonic() + timeout
+    while len(got) < count and (left := deadline - time.monotonic()) > 0:
+        phone.rtp.settimeout(left)
+        with contextlib.suppress(TimeoutError):
+            data = phone.rtp.recv(2048)
+            if len(data) >= 12 and not 200 <= data[1] <= 204:
+                got.append(data)
+    return got
+
+
+@pytest.mark.e2e_timeout(60)
+def test_pickup_renumbers_telephone_event_between_the_caller_and_the_picker(
+    switch: MakeService, lab: Lab, require_baresip: str
+) -> None:
+    """D9: Dave's scripted phone offers telephone-event as 101; Carol's, picking the ringing
+    call up with ``*8``, as 96. Each keeps its own numbers in the 200 it gets, and the relay
+    renumbers DTMF packets both ways (marker bit kept); PCMU passes as it is."""
+    svc = switch()
+    alice = lab.registered_phones(svc, ALICE)[ALICE.extension]
+    dave, carol = lab.raw(svc, DAVE), lab.raw(svc, CAROL)
+    te_96 = re.sub(rb"\b101\b", b"96", offer_sdp(carol.rtp_port))
+    mark = mark_of(alice)
+    with ThreadPoolExecutor(1) as pool:
+        ringing = pool.submit(dave.invite, LINE)
+        alice.wait_event("CALL_INCOMING", 10, since=mark)
+        picked = carol.invite("*8", sdp=te_96)
+        call = ringing.result(timeout=15)
+    assert picked.answered and call.answered, (picked.describe(), call.describe())
+    assert b"rtpmap:96 telephone-event" in picked.final.body, picked.final.text()
+    assert b"rtpmap:101 telephone-event" in call.final.body, call.final.text()
+    to_carol = [rtp_packet(0, 1), rtp_packet(101, 2, marker=True), rtp_packet(101, 3)]
+    for data in to_carol:
+        dave.rtp.sendto(data, sdp_audio_addr(call.final.body))
+    got = receive_rtp(carol, 3)
+    assert [(p[1] & 0x7F, p[1] >> 7) for p in got] == [(0, 0), (96, 1), (96, 0)], got
+    assert [p[2:] for p in got] == [p[2:] for p in to_carol]
+    carol.rtp.sendto(rtp_packet(96, 9, marker=True), sdp_audio_addr(picked.final.body))
+    (back,) = receive_rtp(dave, 1)
+    assert back[1] == 0x80 | 101, back
+    carol.bye(picked)
 
 
 # --------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from media.ptmap import PtMaps
 from softswitch.calls import B2BUA, ForkTarget, LineRef
 from softswitch.lines import CallState, Direction, LineBus, LineEvent
 from softswitch.sip.message import Request, Response, parse_message
@@ -44,11 +45,21 @@ class FakeEndpoint:
 
 
 @dataclass
+class FakeBridge:
+    ports: tuple[int, int]
+    pt_maps: PtMaps | None = None
+
+    def set_pt_maps(self, pt_maps: PtMaps | None) -> None:
+        self.pt_maps = pt_maps
+
+
+@dataclass
 class FakeMedia:
     address: str = "127.0.0.1"
     next_port: int = 30000
     released: list[int] = field(default_factory=list)
     bridges: list[tuple[int, int]] = field(default_factory=list)
+    made: list[FakeBridge] = field(default_factory=list)
     exhausted: bool = False
 
     async def allocate_endpoint(self) -> FakeEndpoint:
@@ -62,9 +73,12 @@ class FakeMedia:
     def release(self, ep: FakeEndpoint) -> None:
         self.released.append(ep.port)
 
-    def bridge(self, a: FakeEndpoint, b: FakeEndpoint) -> tuple[int, int]:
+    def bridge(
+        self, a: FakeEndpoint, b: FakeEndpoint, *, pt_maps: PtMaps | None = None
+    ) -> FakeBridge:
         self.bridges.append((a.port, b.port))
-        return (a.port, b.port)
+        self.made.append(FakeBridge((a.port, b.port), pt_maps))
+        return self.made[-1]
 
     def unbridge(self, bridge: Any) -> None:
         pass
@@ -605,3 +619,74 @@ async def test_forks_are_composed_from_a_template_and_read_back_the_same() -> No
     assert len({i.headers.get("from") for i in invites}) == 1
     assert len({i.via.branch for i in invites}) == 3
     assert len({str(i.uri) for i in invites}) == 3
+
+
+# --- payload type numbering (D9) ---------------------------------------------------------------
+
+#: A phone that knows telephone-event as 96 (the caller and the forks' SDP use 101).
+SDP_96 = SDP.replace(b" 0 101", b" 0 96").replace(b"rtpmap:101", b"rtpmap:96")
+
+
+async def test_a_plain_call_is_bridged_without_payload_type_maps() -> None:
+    rig = Rig()
+    await rig.invite(1)
+    rig.answer(PHONES[0], 200, "t0", SDP)
+    (bridge,) = rig.media.made
+    assert bridge.pt_maps is None
+
+
+async def test_pickup_with_another_telephone_event_number_bridges_with_maps() -> None:
+    rig = Rig()
+    await rig.invite(2)
+    rig.answer(PHONES[0], 180, "t0")
+    (call,) = rig.b2bua.calls.values()
+    ev = new_invite(rig, PICKER, "pick-1", SDP_96)
+    rig.b2bua.pickup(call, ev.txn, ev.request, PICKER, "1003")
+    rig.flush()
+    (to_caller,) = rig.take(CALLER, "200")
+    (to_picker,) = rig.take(PICKER, "200")
+    assert b"telephone-event" in to_caller.body and b" 0 101\r\n" in to_caller.body
+    assert b" 0 96\r\n" in to_picker.body  # each phone keeps its own numbers...
+    (bridge,) = rig.media.made
+    assert bridge.ports == (30002, 30004)  # caller's endpoint first
+    assert bridge.pt_maps == PtMaps({101: 96}, {96: 101})  # ...and the relay translates
+
+
+async def test_retrieve_maps_the_far_ends_answer_to_the_new_phones_offer() -> None:
+    rig = Rig()
+    await rig.invite(1)
+    rig.answer(PHONES[0], 200, "t0", SDP)
+    (call,) = rig.b2bua.calls.values()
+    ev = new_invite(rig, PICKER, "retr-1", SDP_96)
+    rig.b2bua.retrieve(call, call.lines[0], ev.txn, ev.request, PICKER, "1003")
+    (reinvite,) = rig.take(CALLER, "INVITE")
+    assert b"rtpmap:96 telephone-event" in reinvite.body
+    reply_to(rig, reinvite, CALLER, 200, SDP)  # the caller keeps its own 101 in the answer
+    (bridge,) = rig.media.made
+    # RFC 3264 has the caller send 96 (the offer's) and the picker 101 (the answer's), which
+    # pass untouched; each sending its own numbers instead is translated too.
+    assert bridge.pt_maps == PtMaps({101: 96}, {96: 101})
+
+
+async def test_attended_transfer_maps_the_joined_far_ends_and_follows_their_answers() -> None:
+    rig = Rig()
+    await rig.invite(1, call_id="call-1")
+    rig.answer(PHONES[0], 200, "t0", SDP)
+    await rig.invite(1, call_id="call-2", caller=CALLER2, body=SDP_96)
+    rig.answer(PHONES[0], 200, "u0", SDP_96)
+    first, second = rig.take(PHONES[0], "INVITE")
+    refer_to = (
+        f"Refer-To: <sip:1004@127.0.0.1?Replaces={second.call_id}%3Bto-tag%3D"
+        f"{second.from_.tag}%3Bfrom-tag%3Du0>\r\n"
+    )
+    ev = in_dialog(rig, PHONES[0], first, "t0", "REFER", 3, refer_to)
+    x1 = rig.b2bua.find_leg(ev.request)
+    assert x1 is not None and rig.b2bua.attended_transfer(x1, ev.txn, ev.request, second.call_id)
+    joined = rig.media.made[-1]
+    assert joined.ports == (30002, 30006)  # CALLER's endpoint, CALLER2's
+    assert joined.pt_maps == PtMaps({101: 96}, {96: 101})
+    # CALLER takes CALLER2's numbers in its answer: it now expects 96, while CALLER2 still
+    # sends 101 (the numbers of the SDP it was sent); CALLER sends 96 as CALLER2 expects.
+    (re1,) = rig.take(CALLER, "INVITE")
+    reply_to(rig, re1, CALLER, 200, SDP_96)
+    assert joined.pt_maps == PtMaps(None, {101: 96})

@@ -21,6 +21,7 @@ from media import (
     EndpointClosed,
     MediaManager,
     PortsExhausted,
+    PtMaps,
     RelayBridge,
     RtpEndpoint,
 )
@@ -405,6 +406,56 @@ def test_tap_sees_forwarded_packets_and_a_failing_tap_is_removed(run: Run) -> No
         await bob.wait_for(3)  # relaying went on
         assert bob.packets == [rtp(1), rtp(2), rtp(3)]
         assert ep_a.rtp.on_packet == ep_b.rtp.send  # the fast path is back
+
+    run(scenario()(body))
+
+
+def test_payload_types_are_rewritten_where_the_phones_number_them_differently(run: Run) -> None:
+    """D9: alice knows telephone-event as 101, bob as 96; PCMU (0) and unknown 97 pass as they
+    are, the marker bit and everything after byte 1 survive, RTCP is never touched (its byte 1,
+    0xC9 for a receiver report, would be "marker + 73" if read as RTP)."""
+
+    async def body(manager: MediaManager) -> None:
+        ep_a, ep_b = await manager.allocate_endpoint(), await manager.allocate_endpoint()
+        alice, bob, alice_rtcp, bob_rtcp = [await Phone.open() for _ in range(4)]
+        ep_a.set_remote(alice.addr, alice_rtcp.addr)
+        ep_b.set_remote(bob.addr, bob_rtcp.addr)
+        bridge = manager.bridge(ep_a, ep_b, pt_maps=PtMaps({101: 96, 73: 9}, {96: 101}))
+        dtmf_start = RtpPacket(101, True, 2, 320, 0xA, b"\x05\x0a\x00\xa0").serialize()
+        sent = [rtp(1), dtmf_start, rtp(3, payload_type=101), rtp(4, payload_type=97), b"\x80"]
+        for data in sent:
+            alice.send(data, ep_a.port)
+        alice_rtcp.send(rtcp_rr(0xA), ep_a.rtcp_port)
+        bob.send(rtp(9, ssrc=0xB, payload_type=96), ep_b.port)
+        await asyncio.gather(bob.wait_for(5), alice.wait_for(1), bob_rtcp.wait_for(1))
+        got = [RtpPacket.parse(data) for data in bob.packets[:4]]
+        assert [(p.payload_type, p.marker) for p in got] == [(0, 0), (96, 1), (96, 0), (97, 0)]
+        assert bob.packets[1][2:] == dtmf_start[2:] and bob.packets[0] == rtp(1)
+        assert bob.packets[4] == b"\x80"  # too short to carry a payload type: as it came
+        assert bob_rtcp.packets == [rtcp_rr(0xA)]
+        assert alice.packets == [rtp(9, ssrc=0xB, payload_type=101)]
+        assert bridge.stats().a_to_b.rtp_packets == 5
+
+    run(scenario()(body))
+
+
+def test_directions_without_a_map_keep_the_bare_send(run: Run) -> None:
+    async def body(manager: MediaManager) -> None:
+        ep_a, ep_b, alice, bob = await call(manager)
+        bridge = ep_a.bridge
+        assert isinstance(bridge, RelayBridge)
+        bridge.set_pt_maps(PtMaps({101: 96}, None))
+        assert ep_a.rtp.on_packet != ep_b.rtp.send  # a -> b rewrites
+        assert ep_b.rtp.on_packet == ep_a.rtp.send  # b -> a: the fast path as it was
+        assert ep_a.rtcp.on_packet == ep_b.rtcp.send  # RTCP: always
+        alice.send(rtp(1, payload_type=101), ep_a.port)
+        await bob.wait_for(1)
+        assert RtpPacket.parse(bob.packets[0]).payload_type == 96
+        bridge.set_pt_maps(None)  # a re-INVITE made the numbering agree again
+        assert ep_a.rtp.on_packet == ep_b.rtp.send and bridge.pt_maps is None
+        alice.send(rtp(2, payload_type=101), ep_a.port)
+        await bob.wait_for(2)
+        assert bob.packets[1] == rtp(2, payload_type=101)
 
     run(scenario()(body))
 

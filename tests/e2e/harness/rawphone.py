@@ -66,15 +66,19 @@ class RawPhone:
     # -- calls -------------------------------------------------------------------------------
 
     def invite(
-        self, callee: str, headers: Sequence[tuple[str, str]] = (), timeout: float = 15.0
+        self,
+        callee: str,
+        headers: Sequence[tuple[str, str]] = (),
+        timeout: float = 15.0,
+        sdp: bytes | None = None,
     ) -> CallResult:
-        """INVITE ``callee`` as this user (407 answered) offering our RTP port."""
+        """INVITE ``callee`` as this user (407 answered) offering our RTP port (or ``sdp``)."""
         result = self.caller.invite(
             callee,
             user=self.user,
             password=self.password,
             headers=headers,
-            sdp=offer_sdp(self.rtp_port),
+            sdp=sdp if sdp is not None else offer_sdp(self.rtp_port),
             timeout=timeout,
         )
         self._absorb_strays()
