@@ -19,8 +19,9 @@ import structlog
 from dialplan import Config, Permission
 from dialplan.routing import lines_of, may_act_as
 
+from .call_model import Call, Leg, sip_user
 from .call_setup import Admit, CallSetup, Feature, Refuse
-from .calls import B2BUA, Call, Leg, sip_user
+from .calls import B2BUA
 from .lines import CallState
 from .sca import Reject, Retrieve, private_hold_requested
 from .sip.errors import ParseError

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from dialplan import Config, Permission
 from dialplan.routing import CallRoute, FeatureRoute, NoRoute, may_act_as, route_call
 
-from .calls import ForkTarget, LineRef, contact_dest, sip_user
+from .call_model import ForkTarget, LineRef, contact_dest, sip_user
 from .directory import Directory
 from .lines import Direction
 from .registrar import Bindings

@@ -57,7 +57,7 @@ from dialplan import Config, Permission
 from dialplan.routing import may_act_as
 
 from .appearances import Appearance, Appearances
-from .calls import sip_user
+from .call_model import sip_user
 from .dialog_info import Document, sip_uri
 from .directory import Directory
 from .lines import CallState, Direction, LineCall, LineEvent, LineModel

@@ -21,8 +21,9 @@ from dialplan import Config, ConfigError, load_config
 from media.relay import MediaManager
 
 from .call_control import CallControl
+from .call_model import Call, ForkTarget
 from .call_setup import CallSetup
-from .calls import B2BUA, Call, ForkTarget
+from .calls import B2BUA
 from .directory import Directory
 from .http_api import HttpApi
 from .http_server import HttpServer, HttpServerError

@@ -36,7 +36,7 @@ import structlog
 from dialplan import Config
 from dialplan.routing import lines_of
 
-from .calls import sip_user
+from .call_model import sip_user
 from .dialog_info import CONTENT_TYPE, Document, document
 from .directory import Directory
 from .lines import CallState, LineEvent, LineModel

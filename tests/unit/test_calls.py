@@ -12,7 +12,8 @@ from typing import Any
 import pytest
 
 from media.ptmap import PtMaps
-from softswitch.calls import B2BUA, ForkTarget, LineRef
+from softswitch.call_model import ForkTarget, LineRef
+from softswitch.calls import B2BUA
 from softswitch.lines import CallState, Direction, LineBus, LineEvent
 from softswitch.sip.message import Request, Response, parse_message
 from softswitch.sip.transaction import Address

@@ -8,7 +8,7 @@ the answering phone's 2xx offers SDP_B; the caller answers SDP_A in its ACK. Our
 
 from __future__ import annotations
 
-from softswitch.calls import Call
+from softswitch.call_model import Call
 from softswitch.lines import CallState
 from softswitch.sip.message import Request, Response, parse_message
 from softswitch.sip.transaction_layer import RequestReceived

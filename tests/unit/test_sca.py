@@ -17,8 +17,8 @@ import pytest
 from dialplan import load_config_text
 from softswitch.appearances import Appearances
 from softswitch.call_control import CallControl
+from softswitch.call_model import Call, Leg, LineRef
 from softswitch.call_setup import CallSetup
-from softswitch.calls import Call, Leg, LineRef
 from softswitch.directory import Directory
 from softswitch.lines import CallState, Direction, LineBus, LineEvent
 from softswitch.registrar import Bindings
