@@ -113,6 +113,20 @@ class MediaManager:
         self._refill_later()
         return endpoint
 
+    def take_ready(self, count: int) -> list[RtpEndpoint] | None:
+        """`count` pooled endpoints, or None (and nothing taken) if the pool has fewer.
+
+        This is how a call's setup gets its endpoints in the same step as the INVITE that
+        needs them, with no task in between; `allocate_endpoint` is the fallback.
+        """
+        if len(self._pool) < count:
+            return None
+        endpoints = [self._from_pool() for _ in range(count)]
+        ready = [ep for ep in endpoints if ep is not None]
+        self._endpoints.update(ready)
+        self._refill_later()
+        return ready
+
     def _bind_endpoint(self) -> RtpEndpoint:
         """Bind a fresh RTP/RTCP pair and start reading it.
 

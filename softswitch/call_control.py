@@ -149,18 +149,19 @@ class CallControl:
             line=a.lines[-1].line,
             targets=len(a.targets),
         )
-        task = asyncio.get_running_loop().create_task(
-            self.b2bua.start_call(
-                txn,
-                req,
-                source,
-                lines=a.lines,
-                caller_from=a.caller_from,
-                caller_pai=a.caller_pai,
-                targets=a.targets,
-                ring_time=a.ring_time,
-            )
+        pending = self.b2bua.begin_call(
+            txn,
+            req,
+            source,
+            lines=a.lines,
+            caller_from=a.caller_from,
+            caller_pai=a.caller_pai,
+            targets=a.targets,
+            ring_time=a.ring_time,
         )
+        if pending is None:  # forked already (or refused)
+            return
+        task = asyncio.get_running_loop().create_task(pending)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 

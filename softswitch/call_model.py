@@ -61,6 +61,11 @@ class Media(Protocol):
 
     async def allocate_endpoint(self) -> Any: ...
 
+    def take_ready(self, count: int) -> list[Any] | None:
+        """`count` endpoints at once if that many are ready (bound, pooled), else None and
+        nothing taken: the caller then awaits `allocate_endpoint`."""
+        ...
+
     def release(self, endpoint: Any) -> None: ...
 
     def bridge(self, a: Any, b: Any, *, pt_maps: PtMaps | None = None) -> Any:

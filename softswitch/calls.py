@@ -21,7 +21,8 @@ from __future__ import annotations
 import heapq
 import itertools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
 from typing import Any
 
 import structlog
@@ -135,7 +136,7 @@ class B2BUA:
         heapq.heappush(self._timers, (now + delay, next(self._seq), fn))
 
     # --- starting calls ---------------------------------------------------------------------
-    async def start_call(
+    def begin_call(
         self,
         txn: ServerTransaction,
         req: Request,
@@ -146,8 +147,34 @@ class B2BUA:
         caller_pai: str | None,
         targets: list[ForkTarget],
         ring_time: float,
-    ) -> None:
-        """Answer `req` by forking to `targets`; the caller's identity is already decided."""
+    ) -> Coroutine[Any, Any, None] | None:
+        """Answer `req` by forking to `targets`; the caller's identity is already decided.
+
+        The forks leave before this returns when the media layer has two endpoints ready (its
+        pool: the usual case), so the INVITE's own step sends them, without waiting for a task
+        to be scheduled behind whatever else the loop has queued. Otherwise the returned
+        coroutine binds the endpoints and then forks; the caller runs it as a task.
+        """
+        call = self._new_call(txn, req, source, lines, targets)
+        if call is None:
+            return None
+        launch = _Launch(txn, req, caller_from, caller_pai, targets, ring_time)
+        ready = self.media.take_ready(2)
+        if ready is None:
+            return self._bind_then_launch(call, launch)
+        call.a_media, call.b_media = ready
+        self._launch(call, launch)
+        return None
+
+    def _new_call(
+        self,
+        txn: ServerTransaction,
+        req: Request,
+        source: Address,
+        lines: list[LineRef],
+        targets: list[ForkTarget],
+    ) -> Call | None:
+        """The call for `req`, or None once it was refused (bad SDP, nobody to ring)."""
         call = Call(id=new_tag() + new_tag(), lines=lines)
         a = Leg(call, None, source, txn)
         a.identity, a.name = lines[-1].remote, lines[-1].remote_name
@@ -156,14 +183,19 @@ class B2BUA:
             call.offer = parse_sdp(req.body) if req.body else None
         except SdpError as exc:
             self._reply(a, req.make_response(488, "Not Acceptable Here"), detail=str(exc))
-            return
+            return None
         if call.offer is None:
             # Late offer (D15): the forks go without SDP; the answering phone's 2xx offers.
             call.late = True
             call.fork_body = b""
         if not targets:
             self._reply(a, req.make_response(480, "Temporarily Unavailable"), detail="no contact")
-            return
+            return None
+        return call
+
+    async def _bind_then_launch(self, call: Call, launch: _Launch) -> None:
+        a, req = call.a, launch.req
+        assert a is not None
         try:
             call.a_media = await self.media.allocate_endpoint()
             call.b_media = await self.media.allocate_endpoint()
@@ -173,9 +205,17 @@ class B2BUA:
             resp.headers.add("Retry-After", "5")
             self._reply(a, resp, detail="media ports exhausted")
             return
-        if txn.terminated:  # cancelled while we were binding sockets
+        if launch.txn.terminated:  # cancelled while we were binding sockets
             self._release_media(call)
             return
+        self._launch(call, launch)
+
+    def _launch(self, call: Call, launch: _Launch) -> None:
+        """The call has its endpoints: index it and send the forks."""
+        a = call.a
+        assert a is not None
+        txn, req, targets = launch.txn, launch.req, launch.targets
+        caller_pai = launch.caller_pai
         a.media = call.a_media
         if call.offer is not None:
             self._remember(a, call.offer)
@@ -185,7 +225,7 @@ class B2BUA:
         self._by_invite[txn] = call
         call.b_call_id = new_call_id(self.local("udp").host)
         self._index_call_id(call, call.b_call_id)
-        call.b_from = caller_from
+        call.b_from = launch.caller_from
         call.outstanding = len(targets)
         t0 = self._now()
         for target in targets:
@@ -206,7 +246,7 @@ class B2BUA:
         )
         if call.late:
             log.info("call_late_offer", call=call.id, call_id=req.call_id)
-        self._later(t0, ring_time, lambda: self._ring_timeout(call))
+        self._later(t0, launch.ring_time, lambda: self._ring_timeout(call))
         self._publish(call, CallState.RINGING)
         self.flush()
 
@@ -854,6 +894,18 @@ class B2BUA:
 
 
 _INVITE_CSEQ = CSeq(1, "INVITE")
+
+
+@dataclass(frozen=True, slots=True)
+class _Launch:
+    """What `begin_call` was asked, for the step that sends the forks."""
+
+    txn: ServerTransaction
+    req: Request
+    caller_from: str
+    caller_pai: str | None
+    targets: list[ForkTarget]
+    ring_time: float
 
 
 def _dest_text(dest: Address) -> str:

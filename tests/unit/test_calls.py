@@ -62,6 +62,7 @@ class FakeMedia:
     bridges: list[tuple[int, int]] = field(default_factory=list)
     made: list[FakeBridge] = field(default_factory=list)
     exhausted: bool = False
+    pooled: bool = True
 
     async def allocate_endpoint(self) -> FakeEndpoint:
         from media.errors import PortsExhausted
@@ -70,6 +71,14 @@ class FakeMedia:
             raise PortsExhausted("no ports")
         self.next_port += 2
         return FakeEndpoint(self.next_port)
+
+    def take_ready(self, count: int) -> list[FakeEndpoint] | None:
+        """Like the relay's pool: ready endpoints at once, unless `pooled` is off."""
+        if self.exhausted or not self.pooled:
+            return None
+        ports = [self.next_port + 2 * (i + 1) for i in range(count)]
+        self.next_port = ports[-1]
+        return [FakeEndpoint(p) for p in ports]
 
     def release(self, ep: FakeEndpoint) -> None:
         self.released.append(ep.port)
@@ -167,7 +176,7 @@ class Rig:
             for i, p in enumerate((phones or PHONES)[:n_targets])
         ]
         lines = [LineRef("1001", Direction.INBOUND, None, "1004", "Dave")]
-        await self.b2bua.start_call(
+        pending = self.b2bua.begin_call(
             ev.txn,
             ev.request,
             caller,
@@ -177,6 +186,8 @@ class Rig:
             targets=targets,
             ring_time=ring_time,
         )
+        if pending is not None:  # no endpoints ready (FakeMedia.pooled off): bound first
+            await pending
         return ev.txn
 
     def answer(self, phone: Address, status: int, tag: str, body: bytes = b"") -> None:
@@ -263,6 +274,52 @@ async def test_no_targets_is_480_and_exhausted_ports_503() -> None:
     await rig2.invite(2)
     assert len(rig2.take(CALLER, "503")) == 1
     assert rig2.take(method="INVITE") == []
+
+
+async def test_forks_leave_in_the_invites_own_step_when_endpoints_are_ready() -> None:
+    """The relay's pool has endpoints: no task, no loop iteration between INVITE and forks."""
+    rig = Rig()
+    txn = await rig.invite(2)
+    assert len(rig.take(method="INVITE")) == 2
+    assert rig.b2bua._by_invite[txn].a_media is not None
+
+
+async def test_without_ready_endpoints_the_forks_wait_for_the_binding() -> None:
+    """No pooled endpoints: `begin_call` hands back the rest of the work, and a CANCEL that
+    comes while the endpoints are being bound ends the call before any phone rings."""
+    rig = Rig()
+    rig.media.pooled = False
+    await rig.invite(2)  # awaits the returned coroutine
+    assert len(rig.take(method="INVITE")) == 2
+    late = Rig()
+    late.media.pooled = False
+    raw = (
+        "INVITE sip:1001@127.0.0.1 SIP/2.0\r\n"
+        "Via: SIP/2.0/UDP 127.0.0.1:5070;branch=z9hG4bKlate\r\n"
+        'From: "Dave" <sip:1004@127.0.0.1>;tag=abc\r\nTo: <sip:1001@127.0.0.1>\r\n'
+        "Call-ID: late\r\nCSeq: 1 INVITE\r\nContact: <sip:1004@127.0.0.1:5070>\r\n"
+        f"Content-Type: application/sdp\r\nContent-Length: {len(SDP)}\r\n\r\n"
+    ).encode() + SDP
+    late.layer.receive(parse_message(raw), CALLER, late.now)
+    ev = late.layer.next_event()
+    assert isinstance(ev, RequestReceived)
+    target = ForkTarget("1002", f"sip:x@127.0.0.1:{PHONES[0].port}", PHONES[0])
+    pending = late.b2bua.begin_call(
+        ev.txn,
+        ev.request,
+        CALLER,
+        lines=[LineRef("1001", Direction.INBOUND, None, "1004", "Dave")],
+        caller_from='"Dave" <sip:1004@127.0.0.1>',
+        caller_pai=None,
+        targets=[target],
+        ring_time=30,
+    )
+    assert pending is not None and late.take(method="INVITE") == []
+    late.layer.send_response(ev.txn, ev.request.make_response(487), late.now)
+    late.advance(40)  # the INVITE transaction ends (Timer H/I): the caller is gone
+    await pending
+    assert late.take(method="INVITE") == []
+    assert late.media.released  # the endpoints bound for nothing were released
 
 
 async def test_late_second_answer_is_acked_and_hung_up() -> None:

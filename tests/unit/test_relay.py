@@ -506,6 +506,23 @@ def test_the_pool_hands_out_bound_endpoints_and_refills(run: Run) -> None:
     run(scenario(pool=2)(body))
 
 
+def test_take_ready_hands_out_pooled_endpoints_or_nothing(run: Run) -> None:
+    """A call's setup takes both its endpoints at once from the pool, or none of them."""
+
+    async def body(manager: MediaManager) -> None:
+        assert manager.take_ready(2) is None  # nothing pooled yet, nothing taken
+        await manager.allocate_endpoint()
+        await let_the_pool_fill()
+        assert manager.take_ready(3) is None and manager.stats().pooled == 2
+        ready = manager.take_ready(2)
+        assert ready is not None and len(ready) == 2
+        assert manager.stats().pooled == 0 and manager.stats().endpoints == 3
+        await let_the_pool_fill()
+        assert manager.stats().pooled == 2
+
+    run(scenario(pool=2)(body))
+
+
 def test_a_pooled_endpoint_forgets_what_reached_it_while_waiting(run: Run) -> None:
     async def body(manager: MediaManager) -> None:
         low = manager.ports.low
