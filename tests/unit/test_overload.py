@@ -92,11 +92,15 @@ async def test_udp_endpoint_hands_over_datagrams_with_their_age() -> None:
     try:
         sender.bind(("127.0.0.1", 0))
         sender_port = sender.getsockname()[1]
+        # The first socket to ask for timestamps switches them on for the host a moment
+        # later (a deferred static key): datagrams arriving before that are stamped when
+        # read, age 0. The service's socket lives long; this test's must wait for it.
+        time.sleep(0.05)
         for data in (INVITE, b"drop me", b"\r\n\r\n"):
             sender.sendto(data, ("127.0.0.1", port))
         time.sleep(0.1)  # they wait in the socket's queue: the loop is not reading yet
         endpoint.start(asyncio.get_running_loop())
-        for _ in range(100):
+        for _ in range(500):
             if len(ages) == 3:
                 break
             await asyncio.sleep(0.01)
@@ -119,7 +123,7 @@ async def test_udp_endpoint_drops_oversized_datagrams() -> None:
         endpoint.start(asyncio.get_running_loop())
         sender.sendto(b"X" * 1025, ("127.0.0.1", port))
         sender.sendto(REGISTER, ("127.0.0.1", port))
-        for _ in range(100):
+        for _ in range(500):
             if received:
                 break
             await asyncio.sleep(0.01)
