@@ -3,7 +3,7 @@
 
 usage: bench_floor.py register --port 15080 [--level echo|digest] [--realm 127.0.0.1]
        bench_floor.py proxy --port 5780 [--no-record-route] [--no-trying]
-       (both: [--loop uvloop|asyncio] [--rcvbuf BYTES])
+       (both: [--loop uvloop|asyncio|blocking] [--rcvbuf BYTES])
 
 Why this exists: issue 2 asks for kamailio's CPU per authenticated, persisted registration and
 issue 3 for at most 1.7x kamailio's CPU per call as a stateful proxy. The softswitch needs
@@ -46,6 +46,10 @@ proxy      a stateless forwarding proxy for scripts/sipp/uac_call.xml -> uas_cal
            Via (ours) and go to the sent-by of the next one. Max-Forwards is not decremented,
            rport/received are not handled (SIPp's Vias carry neither), nothing is remembered
            per call.
+
+--loop blocking drops the event loop: one thread calling recvfrom/sendto on a blocking socket.
+Not a design anyone would ship (no timers, no second socket), but it splits the floor into what
+the event loop costs and what CPython costs.
 
 Loopback only: it binds 127.0.0.1 and refuses anything else. Stop it with SIGTERM or SIGINT.
 """
@@ -313,33 +317,58 @@ class Endpoint(asyncio.DatagramProtocol):
         """ICMP port unreachable after a SIPp instance has gone: nothing to do."""
 
 
-async def serve(a: argparse.Namespace) -> None:
-    loop = asyncio.get_running_loop()
+def bound_socket(a: argparse.Namespace) -> socket.socket:
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     with contextlib.suppress(OSError):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, a.rcvbuf)
-    sock.setblocking(False)
     sock.bind((HOST, a.port))
-    holder: list[asyncio.DatagramTransport] = []
+    return sock
 
-    def send(data: bytes, addr: Addr) -> None:
-        holder[0].sendto(data, addr)
 
-    handler: Callable[[bytes, Addr], None]
+def make_handler(a: argparse.Namespace, send: Send) -> Callable[[bytes, Addr], None]:
     if a.mode == "register":
-        handler = Registrar(a.level, a.realm, send).on_datagram
-    else:
-        handler = Proxy(a.port, send, a.record_route, a.trying).on_datagram
-    transport, _ = await loop.create_datagram_endpoint(lambda: Endpoint(handler), sock=sock)
-    holder.append(transport)
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        return Registrar(a.level, a.realm, send).on_datagram
+    return Proxy(a.port, send, a.record_route, a.trying).on_datagram
+
+
+def banner(a: argparse.Namespace) -> None:
     print(
         f"bench_floor {a.mode} ({a.level if a.mode == 'register' else 'stateless'}) on "
         f"udp:{HOST}:{a.port}, loop {a.loop}, pid {os.getpid()}",
         flush=True,
     )
+
+
+def serve_blocking(a: argparse.Namespace) -> None:
+    """No event loop at all: the lower bound of CPython itself on this datagram path."""
+    sock = bound_socket(a)
+    handler = make_handler(a, sock.sendto)  # type: ignore[arg-type]
+    banner(a)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    recvfrom = sock.recvfrom
+    with contextlib.suppress(KeyboardInterrupt):
+        while True:
+            data, addr = recvfrom(65535)
+            with contextlib.suppress(OSError):
+                handler(data, addr)
+
+
+async def serve(a: argparse.Namespace) -> None:
+    loop = asyncio.get_running_loop()
+    sock = bound_socket(a)
+    sock.setblocking(False)
+    holder: list[asyncio.DatagramTransport] = []
+
+    def send(data: bytes, addr: Addr) -> None:
+        holder[0].sendto(data, addr)
+
+    handler = make_handler(a, send)
+    transport, _ = await loop.create_datagram_endpoint(lambda: Endpoint(handler), sock=sock)
+    holder.append(transport)
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    banner(a)
     await stop.wait()
     transport.close()
 
@@ -364,13 +393,15 @@ def main(argv: list[str]) -> int:
         default=True,
         help="proxy: 100 Trying to an INVITE (kamailio's tm sends one)",
     )
-    ap.add_argument("--loop", choices=["uvloop", "asyncio"], default="uvloop")
+    ap.add_argument("--loop", choices=["uvloop", "asyncio", "blocking"], default="uvloop")
     ap.add_argument("--rcvbuf", type=int, default=RCVBUF)
     a = ap.parse_args(argv)
     if a.loop == "uvloop":
         import uvloop
 
         uvloop.run(serve(a))
+    elif a.loop == "blocking":
+        serve_blocking(a)
     else:
         asyncio.run(serve(a))
     return 0

@@ -32,7 +32,8 @@
 #      KAM_PORT (15070), SIPP_PORT (15062), SS_HTTP_PORT (18080), FILL_RATE (500),
 #      OVERLOAD_RATE (4000: one 2 s run at this rate unless already sustained), PYSPY (py-spy),
 #      OVERLOAD_MS (500: the softswitch's overload.max_queue_delay_ms; 0 turns shedding off),
-#      FLOOR_PORT (15080, the floor-* variants).
+#      FLOOR_PORT (15080, the floor-* variants), FLOOR_ARGS (more bench_floor.py arguments,
+#      e.g. "--loop asyncio" or "--loop blocking").
 #
 # For each variant the server is started fresh, then
 #   1. fill:   every user registers once at FILL_RATE (first registrations; memory before,
@@ -170,8 +171,9 @@ start_kamailio() {
 }
 
 start_floor() {   # LEVEL (echo | digest)
+  # shellcheck disable=SC2086  # FLOOR_ARGS: several words on purpose
   nice -n "$NICE" "$PYTHON" "$HERE/bench_floor.py" register --port "$FLOOR_PORT" --level "$1" \
-    > "$OUT/floor-$1.log" 2>&1 < /dev/null &
+    ${FLOOR_ARGS:-} > "$OUT/floor-$1.log" 2>&1 < /dev/null &
   SPID=$!; SERVER=floor
   $U sip-ping "$FLOOR_PORT" --timeout 20 || { tail -5 "$OUT/floor-$1.log"; die "bench_floor.py did not answer OPTIONS on $FLOOR_PORT"; }
   log "floor ($1) ready, pid $SPID"
@@ -358,7 +360,7 @@ bench_variant() {   # VARIANT
 log "bench_register: out $OUT"
 log "host: $(nproc) cores, $(lscpu | sed -n 's/^Model name: *//p' | head -1), $(free -m | awk '/^Mem:/ {print $2}') MB RAM"
 log "$(sipp -v 2>&1 | grep -o 'SIPp v[^ ]*'); $(kamailio -v 2>/dev/null | head -1); $("$PYTHON" --version 2>&1)"
-log "users $USERS, rates '$RATES' x $REPEATS, ${DUR} s per run, fill at $FILL_RATE/s, settle $SETTLE s, variants '$VARIANTS'"
+log "users $USERS, rates '$RATES' x $REPEATS, ${DUR} s per run, fill at $FILL_RATE/s, settle $SETTLE s, variants '$VARIANTS'${FLOOR_ARGS:+, FLOOR_ARGS: $FLOOR_ARGS}"
 GIT=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null)
 [ -n "$(git -C "$ROOT" status --porcelain -- softswitch dialplan 2>/dev/null)" ] && GIT="$GIT+uncommitted"
 log "softswitch at commit ${GIT:-unknown}; nice $NICE; loadavg $(cat /proc/loadavg)"
