@@ -32,6 +32,7 @@ Servers of the cps/auth phases: --servers (default "softswitch kamailio", plus k
 with --kamailio-qm). "floor" adds scripts/bench_floor.py's stateless proxy (CPython + uvloop
 forwarding the same datagrams with almost no logic, on FLOOR_PORT): the floor under Python
 for the per-call CPU; cps phase only (it does not challenge, so there is no auth run).
+FLOOR_ARGS adds bench_floor.py arguments (e.g. "--loop blocking").
 
 Each phase is bounded (sipp -m and -timeout, hard deadlines, every process stopped by its
 PID). Results: DIR/results.jsonl, DIR/report.md; logs and sipp files under DIR/runs.
@@ -728,7 +729,16 @@ class Floor(Server):
         self.dir.mkdir(parents=True, exist_ok=True)
         self.proc = spawn(
             "floor",
-            niced([python, str(HERE / "bench_floor.py"), "proxy", "--port", str(port)]),
+            niced(
+                [
+                    python,
+                    str(HERE / "bench_floor.py"),
+                    "proxy",
+                    "--port",
+                    str(port),
+                    *os.environ.get("FLOOR_ARGS", "").split(),  # e.g. "--loop blocking"
+                ]
+            ),
             ROOT,
             self.dir / "floor.log",
         )
