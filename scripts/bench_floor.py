@@ -344,7 +344,8 @@ def serve_blocking(a: argparse.Namespace) -> None:
     sock = bound_socket(a)
     handler = make_handler(a, sock.sendto)  # type: ignore[arg-type]
     banner(a)
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    # SIGTERM keeps its default action (the process ends at once, nothing to clean up): a
+    # Python-level handler only runs once recvfrom returns, which may be never.
     recvfrom = sock.recvfrom
     with contextlib.suppress(KeyboardInterrupt):
         while True:
