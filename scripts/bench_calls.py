@@ -28,6 +28,12 @@ Phases (scripts/bench_calls.sh is the entry point; --help lists every option):
         capture on lo (dumpcap), as a cross-check of the generator.
   fork  scripts/bench_fork.py: INVITE arrival -> last of 16 forked INVITEs leaving.
 
+Servers of the cps/auth phases: --servers (default "softswitch kamailio", plus kamailio-qm
+with --kamailio-qm). "floor" adds scripts/bench_floor.py's stateless proxy (CPython + uvloop
+forwarding the same datagrams with almost no logic, on FLOOR_PORT): the floor under Python
+for the per-call CPU; cps phase only (it does not challenge, so there is no auth run).
+FLOOR_ARGS adds bench_floor.py arguments (e.g. "--loop blocking").
+
 Each phase is bounded (sipp -m and -timeout, hard deadlines, every process stopped by its
 PID). Results: DIR/results.jsonl, DIR/report.md; logs and sipp files under DIR/runs.
 Needs sipp (sip-tester 3.6.1), kamailio, dumpcap (only for --rtp-sipp-calls), py-spy (only
@@ -711,6 +717,40 @@ class Kamailio(Server):
                 pass
 
 
+class Floor(Server):
+    """scripts/bench_floor.py proxy: a stateless forwarding proxy in CPython + uvloop with
+    (almost) no logic, run under the same load as the others: what the datagram path alone
+    costs in Python, the floor under the softswitch's CPU per call."""
+
+    def __init__(self, out: Path, python: str, port: int) -> None:
+        self.name = "floor"
+        self.port = port
+        self.dir = out / "floor"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.proc = spawn(
+            "floor",
+            niced(
+                [
+                    python,
+                    str(HERE / "bench_floor.py"),
+                    "proxy",
+                    "--port",
+                    str(port),
+                    *os.environ.get("FLOOR_ARGS", "").split(),  # e.g. "--loop blocking"
+                ]
+            ),
+            ROOT,
+            self.dir / "floor.log",
+        )
+        self.pid = self.proc.pid
+        if not bench_util.sip_ping(port, 20):
+            self.stop()
+            raise SystemExit(f"bench_floor.py did not answer OPTIONS on {port}; see {self.dir}")
+
+    def stop(self) -> None:
+        self.proc.stop(grace=5)
+
+
 # ---------------------------------------------------------------------------------------------
 # SIPp
 
@@ -978,6 +1018,8 @@ class Opts:
     fork_calls: int
     fork_kamailio: bool
     kamailio_qm: bool
+    servers: list[str]
+    floor_port: int
     profile: bool
     profile_seconds: float
     quick: bool
@@ -1239,8 +1281,9 @@ class Bench:
     # --- phases ---
     def phase_cps(self) -> None:
         o = self.o
-        ss, kam = self.servers["softswitch"], self.servers["kamailio"]
-        kq = self.servers.get("kamailio-qm")
+        order = [n for n in o.servers if n in self.servers]
+        if "kamailio-qm" in self.servers and "kamailio-qm" not in order:
+            order.append("kamailio-qm")
         hopeless: dict[str, int] = {}
         for kind, rates in (("cps", o.rates), ("auth", o.auth_rates)):
             if kind not in o.phases:
@@ -1251,9 +1294,10 @@ class Bench:
             )
             for rep in range(1, o.repeats + 1):
                 for rate in rates:
-                    for server in (ss, kam, kq) if kind == "cps" else (ss, kam):
-                        if server is None:
-                            continue
+                    for name in order:
+                        if kind != "cps" and name in ("kamailio-qm", "floor"):
+                            continue  # the floor does not challenge; qm: cps only
+                        server = self.servers[name]
                         key = f"{kind}/{server.name}"
                         if rep > 1 and key in hopeless and rate >= hopeless[key]:
                             log(
@@ -1264,7 +1308,7 @@ class Bench:
                         rec = self.cps_run(server, kind, rate, rep)
                         if rec["achieved"] < 0.6 * rate or rec["failed"] > 0.05 * rec["count"]:
                             hopeless[key] = min(hopeless.get(key, rate), rate)
-        if o.profile and "cps" in o.phases:
+        if o.profile and "cps" in o.phases and "softswitch" in self.servers:
             rate = int(os.environ.get("PROFILE_RATE", "200"))
             log(
                 f"== profile: py-spy on the softswitch during one more cps run at {rate}/s (not "
@@ -1272,7 +1316,7 @@ class Bench:
             )
             saved = o.duration
             o.duration = max(o.duration, o.profile_seconds + 1)
-            self.cps_run(ss, "cps", rate, 0, profile=True)
+            self.cps_run(self.servers["softswitch"], "cps", rate, 0, profile=True)
             o.duration = saved
             self.profile_summary(
                 self.o.out / "runs" / sorted(os.listdir(self.o.out / "runs"))[-1], "cps"
@@ -1641,10 +1685,14 @@ class Bench:
         o = self.o
         need_sip = any(ph in o.phases for ph in ("cps", "auth"))
         if need_sip:
-            self.servers["softswitch"] = Softswitch(
-                o.out, o.python, o.ss_port, o.http_port, o.media, o.level, self.users()
-            )
-            self.servers["kamailio"] = Kamailio(o.out, o.kam_port)
+            if "floor" in o.servers and "cps" in o.phases:
+                self.servers["floor"] = Floor(o.out, o.python, o.floor_port)
+            if "softswitch" in o.servers:
+                self.servers["softswitch"] = Softswitch(
+                    o.out, o.python, o.ss_port, o.http_port, o.media, o.level, self.users()
+                )
+            if "kamailio" in o.servers:
+                self.servers["kamailio"] = Kamailio(o.out, o.kam_port)
             if o.kamailio_qm and "cps" in o.phases:
                 self.servers["kamailio-qm"] = Kamailio(
                     o.out, o.kam_port + 2, tag="kamailio-qm", mm="qm", name="kamailio-qm"
@@ -1664,7 +1712,7 @@ class Bench:
                 )
             self.phase_cps()
         if "rtp" in o.phases:
-            for name in ("kamailio", "kamailio-qm"):
+            for name in ("kamailio", "kamailio-qm", "floor"):
                 kam = self.servers.pop(name, None)
                 if kam is not None:
                     kam.stop()
@@ -2185,7 +2233,7 @@ def report(out: Path) -> str:
         w.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         rates = sorted({r["rate"] for r in rs})
         for rate in rates:
-            for server in ("softswitch", "kamailio", "kamailio-qm"):
+            for server in ("softswitch", "kamailio", "kamailio-qm", "floor"):
                 g = [r for r in rs if r["rate"] == rate and r["server"] == server]
                 if not g:
                     continue
@@ -2236,6 +2284,23 @@ def report(out: Path) -> str:
                     f"| {_f(qm)} | {f'{sm / qm:.1f}x' if qm else '-'} "
                     f"| {1e6 / sm:,.0f} | {1e6 / km:,.0f} | {'yes' if sus else 'no'} |"
                 )
+        floor_rows = []
+        for rate in rates:
+            fm, km, sm = (
+                med(
+                    [
+                        r["cpu_us_per_call"]
+                        for r in rs
+                        if r["rate"] == rate and r["server"] == n and r.get("cpu_us_per_call")
+                    ]
+                )
+                for n in ("floor", "kamailio", "softswitch")
+            )
+            if fm and km:
+                floor_rows.append(
+                    f"| {rate:,} | {fm:,.0f} | {km:,.0f} | **{fm / km:.2f}x** "
+                    f"| {_f(sm)} | {f'{sm / fm:.1f}x' if sm else '-'} |"
+                )
         if ratio_rows:
             w.append(
                 "| offered /s | softswitch µs/call | kamailio (tlsf) µs/call | ratio (aim ≤ 1.7x) "
@@ -2244,6 +2309,14 @@ def report(out: Path) -> str:
             )
             w.append("|---|---|---|---|---|---|---|---|---|")
             w += ratio_rows
+            w.append("")
+        if floor_rows:
+            w.append(
+                "| offered /s | floor (bench_floor.py proxy) µs/call | kamailio µs/call "
+                "| floor / kamailio | softswitch µs/call | softswitch / floor |"
+            )
+            w.append("|---|---|---|---|---|---|")
+            w += floor_rows
             w.append("")
         fails = [r for r in rs if r.get("fail_kinds")]
         if fails:
@@ -2421,6 +2494,13 @@ def parse_run(argv: list[str]) -> Opts:
     )
     ap.add_argument("--fork-calls", type=int, default=500)
     ap.add_argument(
+        "--servers",
+        default="softswitch kamailio",
+        help="servers of the cps/auth phases, in the order they take turns: any of "
+        "softswitch, kamailio, floor (scripts/bench_floor.py proxy on FLOOR_PORT, default "
+        "5780; cps only); kamailio-qm follows --kamailio-qm",
+    )
+    ap.add_argument(
         "--fork-kamailio",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -2501,6 +2581,8 @@ def parse_run(argv: list[str]) -> Opts:
         fork_calls=a.fork_calls,
         fork_kamailio=a.fork_kamailio,
         kamailio_qm=a.kamailio_qm,
+        servers=a.servers.split(),
+        floor_port=int(os.environ.get("FLOOR_PORT", "5780")),
         profile=a.profile,
         profile_seconds=a.profile_seconds,
         quick=a.quick,
@@ -2579,6 +2661,11 @@ def main(argv: list[str]) -> int:
         )
     # the servers' ports; sipp and the generator take free ports from SIPP_BASE up (Ports)
     ports = [o.ss_port, o.kam_port, o.ss_port + 1, o.kam_port + 1, o.kam_port + 2]
+    if "floor" in o.servers:
+        ports.append(o.floor_port)
+    unknown = set(o.servers) - {"softswitch", "kamailio", "floor"}
+    if unknown:
+        raise SystemExit(f"--servers: unknown {sorted(unknown)} (softswitch, kamailio, floor)")
     busy = [p for p in ports if not port_free(p)]
     if busy:
         raise SystemExit(f"ports in use: {busy} (set SS_PORT/KAM_PORT/SIPP_BASE)")

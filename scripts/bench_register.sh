@@ -15,7 +15,10 @@
 #   --duration S  seconds of load per run (default 5): a run is rate*S registrations, bounded
 #                 by sipp -m and -timeout (S+10 s)
 #   --sat-rates R saturation search: rates tried above the highest rate the load runs sustained
-#   --variants V  any of softswitch, kamailio, softswitch-warning (default: all three)
+#   --variants V  any of softswitch, kamailio, softswitch-warning (default: these three),
+#                 floor-echo, floor-digest (only when asked for: scripts/bench_floor.py
+#                 register, CPython + uvloop answering the same datagrams with almost no
+#                 logic, --level echo or digest, on FLOOR_PORT: the floor under Python)
 #   --settle S    idle seconds before the "settled" memory reading (default 35: the server
 #                 transactions of the last REGISTERs live 32 s, Timer J)
 #   --wait-quiet S  before each measured run wait up to S s until the rest of the machine
@@ -28,7 +31,9 @@
 # Env: PYTHON (default .venv/bin/python, runs `python -m softswitch`), SS_PORT (15060),
 #      KAM_PORT (15070), SIPP_PORT (15062), SS_HTTP_PORT (18080), FILL_RATE (500),
 #      OVERLOAD_RATE (4000: one 2 s run at this rate unless already sustained), PYSPY (py-spy),
-#      OVERLOAD_MS (500: the softswitch's overload.max_queue_delay_ms; 0 turns shedding off).
+#      OVERLOAD_MS (500: the softswitch's overload.max_queue_delay_ms; 0 turns shedding off),
+#      FLOOR_PORT (15080, the floor-* variants), FLOOR_ARGS (more bench_floor.py arguments,
+#      e.g. "--loop asyncio" or "--loop blocking").
 #
 # For each variant the server is started fresh, then
 #   1. fill:   every user registers once at FILL_RATE (first registrations; memory before,
@@ -41,6 +46,7 @@
 #   4. overload: one short run at OVERLOAD_RATE (does it degrade gracefully?)
 # softswitch-warning is the softswitch with log level warning (the logging cost); it starts
 # on the info variant's database (10,000 bindings loaded from disk) and skips the fill.
+# floor-echo / floor-digest keep nothing, so they skip the fill (and its memory figures).
 # CPU = utime+stime of every thread/process of the server (/proc), sampled around each sipp
 # run, divided by the completed registrations. sipp runs on the same two cores.
 # Everything is on 127.0.0.1; processes are stopped by PID. Results: DIR/results.jsonl,
@@ -57,6 +63,7 @@ SS_PORT=${SS_PORT:-15060}
 KAM_PORT=${KAM_PORT:-15070}
 SIPP_PORT=${SIPP_PORT:-15062}
 SS_HTTP_PORT=${SS_HTTP_PORT:-18080}
+FLOOR_PORT=${FLOOR_PORT:-15080}
 FILL_RATE=${FILL_RATE:-500}
 OVERLOAD_RATE=${OVERLOAD_RATE:-4000}
 OVERLOAD_MS=${OVERLOAD_MS:-500}
@@ -89,7 +96,7 @@ while [ $# -gt 0 ]; do
     --profile) PROFILE=1 ;;
     --wait-quiet) WAIT_QUIET=$2; shift ;;
     --nice) NICE=$2; shift ;;
-    -h|--help) sed -n '2,48p' "$HERE/bench_register.sh"; exit 0 ;;
+    -h|--help) sed -n '2,/^set -u/{/^#/p}' "$HERE/bench_register.sh"; exit 0 ;;
     *) echo "bench_register.sh: unknown argument: $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -101,7 +108,9 @@ case " $VARIANTS " in *" kamailio "*)
   command -v kamailio >/dev/null && command -v kamcmd >/dev/null \
     || die "kamailio/kamcmd not found (apt-get install kamailio)";; esac
 [ -x "$PYTHON" ] || command -v "$PYTHON" >/dev/null || die "no interpreter at $PYTHON (scripts/setup.sh, or set PYTHON)"
-for port in "$SS_PORT" "$KAM_PORT" "$SIPP_PORT" "$SS_HTTP_PORT"; do
+PORTS="$SS_PORT $KAM_PORT $SIPP_PORT $SS_HTTP_PORT"
+case " $VARIANTS " in *" floor-"*) PORTS="$PORTS $FLOOR_PORT" ;; esac
+for port in $PORTS; do
   if ss -Hlun "sport = :$port" | grep -q . || ss -Hltn "sport = :$port" | grep -q .; then
     die "port $port is in use (set SS_PORT/KAM_PORT/SIPP_PORT/SS_HTTP_PORT)"
   fi
@@ -127,7 +136,7 @@ log() { echo "[$(date +%H:%M:%S)] $*" | tee -a "$OUT/bench.log"; }
 
 # ---- servers -------------------------------------------------------------------------------
 SPID=""        # the running server's main PID
-SERVER=""      # softswitch | kamailio
+SERVER=""      # softswitch | kamailio | floor
 SIPP_PID=""
 cleanup() {
   [ -n "$SIPP_PID" ] && kill -0 "$SIPP_PID" 2>/dev/null && kill -TERM "$SIPP_PID" 2>/dev/null
@@ -161,13 +170,23 @@ start_kamailio() {
   PORT=$KAM_PORT
 }
 
+start_floor() {   # LEVEL (echo | digest)
+  # shellcheck disable=SC2086  # FLOOR_ARGS: several words on purpose
+  nice -n "$NICE" "$PYTHON" "$HERE/bench_floor.py" register --port "$FLOOR_PORT" --level "$1" \
+    ${FLOOR_ARGS:-} > "$OUT/floor-$1.log" 2>&1 < /dev/null &
+  SPID=$!; SERVER=floor
+  $U sip-ping "$FLOOR_PORT" --timeout 20 || { tail -5 "$OUT/floor-$1.log"; die "bench_floor.py did not answer OPTIONS on $FLOOR_PORT"; }
+  log "floor ($1) ready, pid $SPID"
+  PORT=$FLOOR_PORT
+}
+
 stop_server() {
   case $SERVER in
-    softswitch)
+    softswitch|floor)
       if kill -0 "$SPID" 2>/dev/null; then
         kill -TERM "$SPID"
         for _ in $(seq 1 100); do kill -0 "$SPID" 2>/dev/null || break; sleep 0.1; done
-        kill -0 "$SPID" 2>/dev/null && { echo "SIGKILL softswitch $SPID"; kill -KILL "$SPID"; }
+        kill -0 "$SPID" 2>/dev/null && { echo "SIGKILL $SERVER $SPID"; kill -KILL "$SPID"; }
         wait "$SPID" 2>/dev/null
       fi ;;
     kamailio) "$HERE/kamailio/stop.sh" "$KRUN" > /dev/null ;;
@@ -243,12 +262,16 @@ bench_variant() {   # VARIANT
   log "== $v"
   local need_fill=1
   [ "$v" = softswitch-warning ] && [ -s "$DATA/softswitch.db" ] && need_fill=0
+  case $v in floor-*) need_fill=0 ;; esac
   case $v in
     softswitch) rm -rf "$DATA"; start_softswitch info ;;
     softswitch-warning) start_softswitch warning ;;
     kamailio)
       python3 "$HERE/mkusers.py" --csv "$OUT/users.csv" --count "$USERS"
       start_kamailio ;;
+    floor-echo|floor-digest)
+      python3 "$HERE/mkusers.py" --csv "$OUT/users.csv" --count "$USERS"
+      start_floor "${v#floor-}" ;;
   esac
   sleep 1
   if [ "$need_fill" -eq 1 ]; then
@@ -337,14 +360,14 @@ bench_variant() {   # VARIANT
 log "bench_register: out $OUT"
 log "host: $(nproc) cores, $(lscpu | sed -n 's/^Model name: *//p' | head -1), $(free -m | awk '/^Mem:/ {print $2}') MB RAM"
 log "$(sipp -v 2>&1 | grep -o 'SIPp v[^ ]*'); $(kamailio -v 2>/dev/null | head -1); $("$PYTHON" --version 2>&1)"
-log "users $USERS, rates '$RATES' x $REPEATS, ${DUR} s per run, fill at $FILL_RATE/s, settle $SETTLE s, variants '$VARIANTS'"
+log "users $USERS, rates '$RATES' x $REPEATS, ${DUR} s per run, fill at $FILL_RATE/s, settle $SETTLE s, variants '$VARIANTS'${FLOOR_ARGS:+, FLOOR_ARGS: $FLOOR_ARGS}"
 GIT=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null)
 [ -n "$(git -C "$ROOT" status --porcelain -- softswitch dialplan 2>/dev/null)" ] && GIT="$GIT+uncommitted"
 log "softswitch at commit ${GIT:-unknown}; nice $NICE; loadavg $(cat /proc/loadavg)"
 $U record "$RES" kind=meta commit="${GIT:-unknown}" nice="$NICE" cpu_rate="${RATES%% *}" users="$USERS" settle="$SETTLE" date="$(date -u +%Y-%m-%dT%H:%M:%SZ)" > /dev/null
 T_START=$SECONDS
 for v in $VARIANTS; do
-  case $v in softswitch|kamailio|softswitch-warning) bench_variant "$v" ;;
+  case $v in softswitch|kamailio|softswitch-warning|floor-echo|floor-digest) bench_variant "$v" ;;
     *) die "unknown variant $v" ;; esac
 done
 log "done in $((SECONDS - T_START)) s; loadavg $(cat /proc/loadavg)"
