@@ -35,6 +35,11 @@ from media.ptmap import PtMaps
 _RETRY_ERRNOS = frozenset({errno.EADDRINUSE, errno.EACCES})
 """Bind errors that concern one port (another process holds it): try the next pair."""
 
+_OUT_OF_SOCKETS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+"""The process or the host is out of descriptors or socket memory: no port would do, and the
+call gets 503 like an exhausted range (a flood of TCP connections must not turn into calls that
+are never answered)."""
+
 DSCP_EF = 0xB8
 """Expedited Forwarding (RFC 3246) in the TOS byte: what networks expect for voice."""
 
@@ -139,6 +144,9 @@ class MediaManager:
             try:
                 rtp, rtcp = self._bind_pair(port)
             except OSError as exc:
+                if exc.errno in _OUT_OF_SOCKETS:  # the process, not the port: stop trying
+                    self._ports.release(port)
+                    raise PortsExhausted(f"cannot open RTP sockets: {exc.strerror}") from exc
                 self._ports.mark_bad(port)
                 if exc.errno not in _RETRY_ERRNOS:
                     raise

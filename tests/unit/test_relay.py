@@ -7,6 +7,7 @@ Each test runs in its own loop (the `run` fixture) and is bounded by `TIMEOUT`.
 from __future__ import annotations
 
 import asyncio
+import errno
 import random
 import socket
 from collections.abc import Awaitable, Callable, Coroutine
@@ -583,6 +584,24 @@ def test_exhausted_range_raises_ports_exhausted(run: Run) -> None:
         assert again.port == first.port
 
     run(scenario(pairs=2)(body))
+
+
+def test_out_of_descriptors_is_ports_exhausted_and_blames_no_port(run: Run) -> None:
+    """EMFILE is the process's problem, not the port's: 503 for the call (the B2BUA's answer to
+    `PortsExhausted`), and the pair goes back to the range instead of being marked bad."""
+
+    async def body(manager: MediaManager) -> None:
+        free = manager.ports.free
+
+        def no_fds(port: int) -> socket.socket:
+            raise OSError(errno.EMFILE, "Too many open files")
+
+        manager._bind = no_fds  # type: ignore[method-assign]
+        with pytest.raises(PortsExhausted, match="Too many open files"):
+            await manager.allocate_endpoint()
+        assert manager.ports.free == free and manager.ports.bind_failures == 0
+
+    run(scenario(pairs=2, pool=0)(body))
 
 
 def test_a_pair_held_by_another_process_is_skipped(run: Run) -> None:
