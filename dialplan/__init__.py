@@ -41,6 +41,7 @@ from dialplan.models import (
     Policy,
     PortRange,
     Registrar,
+    Tcp,
     User,
 )
 
@@ -66,6 +67,7 @@ __all__ = [
     "Policy",
     "PortRange",
     "Registrar",
+    "Tcp",
     "User",
     "default_config_path",
     "load_config",

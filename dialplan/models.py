@@ -481,6 +481,19 @@ class Overload(_Model):
     max_queue_delay_ms: Annotated[Int, Field(ge=0, le=32000)] = 500
 
 
+class Tcp(_Model):
+    """Bounds on SIP over TCP.
+
+    At most ``max_connections`` accepted connections at once (more are closed
+    at once, so a connection flood cannot take the descriptors calls need); a
+    connection holding an incomplete message, or connected and silent, for
+    ``message_timeout`` seconds is closed (slow senders, silent scanners).
+    """
+
+    max_connections: Annotated[Int, Field(ge=1, le=1_000_000)] = 10000
+    message_timeout: Annotated[Int, Field(ge=1, le=3600)] = 30
+
+
 class Log(_Model):
     """Logging; ``format: auto`` means console on a TTY, JSON otherwise."""
 
@@ -524,6 +537,7 @@ class Config(_Model):
     feature_codes: FeatureCodes = FeatureCodes()
     log: Log = Log()
     overload: Overload = Overload()
+    tcp: Tcp = Tcp()
     max_message_size: Annotated[Int, Field(ge=1024, le=1 << 20)] = 65535
 
     _by_extension: dict[str, User] = PrivateAttr(default_factory=dict)

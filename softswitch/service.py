@@ -50,7 +50,7 @@ from .sip.uri import SipUri
 from .store.sqlite import SqliteStore, StoreError
 from .subscriptions import SubscriptionManager
 from .throttle import FailureThrottle
-from .transport import TransportError, TransportManager
+from .transport import TcpLimits, TransportError, TransportManager
 
 log = structlog.get_logger("softswitch")
 
@@ -81,6 +81,7 @@ class Service:
             self._on_framing_error,
             admit=self._admit,
             kernel_drops=self._kernel_drops,
+            tcp=_tcp_limits(cfg),
         )
         self.store = SqliteStore(cfg.data_dir / "softswitch.db")
         self.bindings = Bindings()
@@ -253,6 +254,7 @@ class Service:
             n.update(cfg, self.registrar.directory, self.registrar.auth)
         self.calls.cfg = cfg
         self.stale.max_delay = cfg.overload.max_queue_delay_ms / 1000
+        self.transports.tcp = _tcp_limits(cfg)
         self.cfg = cfg
         log.info("config_reloaded", file=str(self.config_path), users=len(cfg.users))
 
@@ -573,6 +575,10 @@ class Service:
     def _pump_datagrams(self) -> None:
         for data, dest in self.layer.datagrams_to_send():
             self.transports.send(data, dest)
+
+
+def _tcp_limits(cfg: Config) -> TcpLimits:
+    return TcpLimits(cfg.tcp.max_connections, float(cfg.tcp.message_timeout))
 
 
 def _reason(status: int) -> str:

@@ -15,6 +15,7 @@ import struct
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import structlog
 
@@ -189,26 +190,52 @@ def _enable_timestamps(sock: socket.socket) -> bool:
     return True
 
 
+@dataclass(frozen=True, slots=True)
+class TcpLimits:
+    """Bounds on what TCP peers can hold of ours.
+
+    `max_connections`: connections accepted at once; more are closed at once, so a flood of
+    connections cannot take the descriptors that calls need for their RTP sockets.
+    `message_timeout`: seconds a connection may hold an incomplete message, or stay silent
+    after it connected to us, before we close it (slow-loris senders, silent scanners). A
+    phone's registered connection that is simply idle between messages is kept.
+    """
+
+    max_connections: int = 10000
+    message_timeout: float = 30.0
+
+
 class TcpConnection(asyncio.Protocol):
     """One TCP connection: a framer, and a registration in the manager's connection table."""
 
-    def __init__(self, manager: TransportManager) -> None:
+    def __init__(self, manager: TransportManager, *, inbound: bool) -> None:
         self.manager = manager
+        self.inbound = inbound  # the peer connected to us (vs. we connected to a phone)
         self.framer = StreamFramer(manager.max_size)
         self.transport: asyncio.Transport | None = None
         self.peer: Address | None = None
+        self.heard = False  # a complete message came in
+        self.progress_at = 0.0  # loop time of the connect or the last complete message
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        self.progress_at = asyncio.get_running_loop().time()
         host, port = transport.get_extra_info("peername")[:2]
-        self.peer = Address("tcp", str(host), int(port))
-        self.manager._connections[self.peer] = self
+        peer = Address("tcp", str(host), int(port))
+        if self.inbound and not self.manager._accept(peer):
+            transport.abort()  # type: ignore[attr-defined]
+            return
+        self.peer = peer
+        self.manager._connections[peer] = self
 
     def data_received(self, data: bytes) -> None:
-        assert self.peer is not None
+        if self.peer is None:
+            return
         self.framer.receive_data(data)
         try:
             while (message := self.framer.next_message()) is not None:
+                self.heard = True
+                self.progress_at = asyncio.get_running_loop().time()
                 self.manager.handler(message, self.peer)
         except ParseError as exc:
             # The stream cannot be resynchronised after a framing error: answer if we can, close.
@@ -220,6 +247,11 @@ class TcpConnection(asyncio.Protocol):
             self.manager.on_framing_error(bytes(self.framer._buf), self.peer, exc)
             if self.transport is not None:
                 self.transport.close()
+
+    def stalled(self, now: float, timeout: float) -> bool:
+        """Holding half a message, or connected to us and silent, for longer than `timeout`."""
+        waiting = self.framer.buffered > 0 or (self.inbound and not self.heard)
+        return waiting and now - self.progress_at > timeout
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.peer is not None and self.manager._connections.get(self.peer) is self:
@@ -241,8 +273,12 @@ class TransportManager:
         *,
         admit: Admit | None = None,
         kernel_drops: Callable[[int], None] | None = None,
+        tcp: TcpLimits = TcpLimits(),
     ) -> None:
         self.handler = handler
+        self.tcp = tcp
+        self._refused = 0  # connections refused (over max_connections) since the last sweep
+        self._sweeper: asyncio.TimerHandle | None = None
         self.max_size = max_size
         self.on_framing_error = on_framing_error or (lambda data, peer, exc: None)
         self.admit = admit
@@ -270,9 +306,10 @@ class TransportManager:
                 bound = endpoint.sock.getsockname()
             elif transport == "tcp":
                 server = await loop.create_server(
-                    lambda: TcpConnection(self), host, port, reuse_address=True
+                    lambda: TcpConnection(self, inbound=True), host, port, reuse_address=True
                 )
                 self._servers.append(server)
+                self._sweep_later()
                 bound = server.sockets[0].getsockname()
             else:
                 raise TransportError(f"unsupported transport {transport!r}")
@@ -304,7 +341,10 @@ class TransportManager:
         async def connect() -> None:
             try:
                 _, proto = await asyncio.wait_for(
-                    loop.create_connection(lambda: TcpConnection(self), dest.host, dest.port), 5
+                    loop.create_connection(
+                        lambda: TcpConnection(self, inbound=False), dest.host, dest.port
+                    ),
+                    5,
                 )
             except (OSError, TimeoutError) as exc:
                 log.info("tcp_connect_failed", peer=f"{dest.host}:{dest.port}", error=str(exc))
@@ -317,7 +357,43 @@ class TransportManager:
         self._connecting.add(task)
         task.add_done_callback(self._connecting.discard)
 
+    def _accept(self, peer: Address) -> bool:
+        """Room for one more inbound connection? Refusals are logged by the sweep, in sum."""
+        if len(self._connections) < self.tcp.max_connections:
+            return True
+        self._refused += 1
+        return False
+
+    def _sweep_later(self) -> None:
+        if self._sweeper is None:
+            delay = self.tcp.message_timeout / 3  # the config keeps it >= 1 s
+            self._sweeper = asyncio.get_running_loop().call_later(delay, self._sweep)
+
+    def _sweep(self) -> None:
+        """Close stalled connections (see `TcpLimits`); one log line for all of them."""
+        self._sweeper = None
+        now = asyncio.get_running_loop().time()
+        stalled = [
+            c for c in self._connections.values() if c.stalled(now, self.tcp.message_timeout)
+        ]
+        for conn in stalled:
+            if conn.transport is not None:
+                conn.transport.abort()
+        if stalled or self._refused:
+            log.warning(
+                "tcp_connections_closed",
+                stalled=len(stalled),
+                refused=self._refused,
+                open=len(self._connections) - len(stalled),
+                max_connections=self.tcp.max_connections,
+            )
+            self._refused = 0
+        self._sweep_later()
+
     async def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
         for endpoint in self._udp:
             endpoint.close()
         for server in self._servers:

@@ -722,6 +722,7 @@ def test_settings_sections() -> None:
         feature_codes: {pickup: "#8", dnd_on: "*780"}
         log: {level: DEBUG, format: json}
         overload: {max_queue_delay_ms: 0}
+        tcp: {max_connections: 100, message_timeout: 5}
         max_message_size: 4096
         """)
     )
@@ -745,6 +746,7 @@ def test_settings_sections() -> None:
     assert (cfg.log.level, cfg.log.format) == ("debug", "json")
     assert cfg.max_message_size == 4096
     assert cfg.overload.max_queue_delay_ms == 0
+    assert (cfg.tcp.max_connections, cfg.tcp.message_timeout) == (100, 5)
 
 
 @pytest.mark.parametrize(
@@ -773,6 +775,8 @@ def test_settings_sections() -> None:
         ("log: {level: loud}", "log.level", "(got 'loud')"),
         ("log: {format: xml}", "log.format", "'auto', 'json' or 'console'"),
         ("max_message_size: 100", "max_message_size", "greater than or equal to 1024"),
+        ("tcp: {max_connections: 0}", "tcp.max_connections", "greater than or equal to 1"),
+        ("tcp: {message_timeout: 0}", "tcp.message_timeout", "greater than or equal to 1"),
         (
             "overload: {max_queue_delay_ms: -1}",
             "overload.max_queue_delay_ms",
