@@ -388,6 +388,7 @@ media: {{address: 127.0.0.1, ports: {media}}}
 trusted: ["127.0.0.1/32"]
 auth: {{algorithms: [MD5], max_failures: 100000000}}
 log: {{level: {level}, format: json}}
+overload: {{max_queue_delay_ms: {overload_ms}}}
 users:
 {users}
 """
@@ -429,7 +430,13 @@ class Softswitch(Server):
         )
         self.cfg.write_text(
             SOFTSWITCH_CFG.format(
-                port=port, http=http, data=self.dir / "var", media=media, level=level, users=lines
+                port=port,
+                http=http,
+                data=self.dir / "var",
+                media=media,
+                level=level,
+                users=lines,
+                overload_ms=int(os.environ.get("OVERLOAD_MS", "500")),
             )
             + extra
         )

@@ -18,7 +18,8 @@
 #      HTTP_PORT (8780), SIPP_BASE (5800: sipp and generator ports from there up to +2400),
 #      MEDIA_PORTS (softswitch relay range, 20000-29999), KAM_MM (kamailio memory manager for
 #      "kamailio": tlsf; "kamailio-qm" always runs qm, kamailio's default), FLOOR_PORT (5780)
-#      and FLOOR_ARGS (--servers floor: scripts/bench_floor.py proxy and its extra arguments).
+#      and FLOOR_ARGS (--servers floor: scripts/bench_floor.py proxy and its extra arguments),
+#      OVERLOAD_MS (500: the softswitch's overload.max_queue_delay_ms; 0 turns shedding off).
 # Results: DIR/results.jsonl, DIR/report.md (also printed), DIR/bench.log, per-run sipp files
 # under DIR/runs, fork results under DIR/fork. DIR defaults to a new /tmp/bench_calls.XXXXXX
 # and is kept. Every process is stopped by its PID; loopback only; needs root for dumpcap
