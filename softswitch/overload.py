@@ -14,6 +14,12 @@ senders retransmit, and the copy that is fresh enough is handled. Dropping costs
 microseconds, so the queue drains to `max_delay` and the service keeps answering at its full
 rate with a bounded delay.
 
+A stale INVITE that starts a call is not dropped but refused: a `503` built from its raw
+bytes (no parse, no transaction) costs a small fraction of setting up the call, and it ends
+the caller's retransmissions at once, where a dropped INVITE is sent again after 0.5, 1, 2, 4 s
+and may lose the race each time (measured: at 1.3x the call capacity, dropping took the 99th
+percentile of call set-up to 7.5 s).
+
 What finishes work already paid for is never dropped, however late: responses, ACK, CANCEL,
 BYE, and requests that answer our challenge (they carry Authorization or Proxy-Authorization).
 A registration or a call is two requests, the second one authenticated; dropping the second
@@ -27,12 +33,24 @@ Sans-I/O: the caller supplies the age and the clock; the policy only counts and 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import Enum
 
 #: Messages that finish or free work already done: never dropped, however late.
 _ALWAYS = (b"SIP/", b"ACK ", b"CANCEL ", b"BYE ")
 
 #: In "Authorization:" and "Proxy-Authorization:" whatever the case of the first letter.
 _CREDENTIALS = (b"uthorization:", b"UTHORIZATION:")
+
+
+class Verdict(Enum):
+    """What to do with one received datagram."""
+
+    __hash__ = object.__hash__
+
+    ADMIT = "admit"
+    DROP = "drop"  # unread: the sender retransmits, and a fresher copy is handled
+    REFUSE = "refuse"  # a stale new INVITE: answer 503 statelessly, the caller stops at once
+
 
 #: Seconds between two `OverloadReport`s while datagrams are being dropped.
 REPORT_INTERVAL = 1.0
@@ -43,7 +61,8 @@ class OverloadReport:
     """What was dropped since the last report, for one structured log event."""
 
     dropped: int
-    oldest: float  # seconds: the largest age among the dropped
+    refused: int  # stale new INVITEs answered 503
+    oldest: float  # seconds: the largest age among the dropped and refused
     kernel_drops: int  # datagrams the kernel dropped (receive buffer full) since the last report
 
 
@@ -54,28 +73,34 @@ class StaleFilter:
     """
 
     __slots__ = (
-        "_dropped_reported", "_kernel_drops", "_last_kernel", "_oldest",
-        "dropped", "max_delay",
+        "_dropped_reported", "_kernel_drops", "_last_kernel", "_oldest", "_refused_reported",
+        "dropped", "max_delay", "refused",
     )  # fmt: skip
 
     def __init__(self, max_delay: float) -> None:
         self.max_delay = max_delay
         self.dropped = 0  # in total, for stats
         self._dropped_reported = 0  # ... of which the reports have told
+        self.refused = 0  # stale new INVITEs answered 503, in total
+        self._refused_reported = 0
         self._oldest = 0.0
         self._kernel_drops = 0  # cumulative count the kernel last told us
         self._last_kernel = 0  # ... and what the last report included
 
-    def admit(self, data: bytes, age: float) -> bool:
-        """False if `data` is a new-work request that waited longer than `max_delay`."""
+    def judge(self, data: bytes, age: float) -> Verdict:
+        """ADMIT unless `data` is a new-work request that waited longer than `max_delay`; then
+        REFUSE (503) for an INVITE, DROP for anything else."""
         if age <= self.max_delay or not self.max_delay or data.startswith(_ALWAYS):
-            return True
+            return Verdict.ADMIT
         if _CREDENTIALS[0] in data or _CREDENTIALS[1] in data:
-            return True  # answers our challenge: the second half of work already begun
-        self.dropped += 1
+            return Verdict.ADMIT  # answers our challenge: the second half of work already begun
         if age > self._oldest:
             self._oldest = age
-        return False
+        if data.startswith(b"INVITE "):
+            self.refused += 1
+            return Verdict.REFUSE
+        self.dropped += 1
+        return Verdict.DROP
 
     def kernel_dropped(self, total: int) -> None:
         """The kernel's cumulative drop count for the socket (SO_RXQ_OVFL), when it changes."""
@@ -88,10 +113,12 @@ class StaleFilter:
             return None
         report = OverloadReport(
             self.dropped - self._dropped_reported,
+            self.refused - self._refused_reported,
             self._oldest,
             self._kernel_drops - self._last_kernel,
         )
         self._dropped_reported = self.dropped
+        self._refused_reported = self.refused
         self._oldest = 0.0
         self._last_kernel = self._kernel_drops
         return report

@@ -28,9 +28,10 @@ from .directory import Directory
 from .http_api import HttpApi
 from .http_server import HttpServer, HttpServerError
 from .lines import Direction, LineBus
-from .overload import REPORT_INTERVAL, StaleFilter
+from .overload import REPORT_INTERVAL, StaleFilter, Verdict
 from .registrar import AuthResult, Bindings, Outcome, Registrar, RegistrarPolicy
 from .sca import ScaManager
+from .sip.dialog import new_tag
 from .sip.digest import Algorithm, DigestAuthenticator
 from .sip.errorreply import error_response
 from .sip.errors import ParseError
@@ -321,10 +322,15 @@ class Service:
         self.layer.receive(msg, source, self._loop_time())
         self._pump()
 
-    def _admit(self, data: bytes, age: float) -> bool:
+    def _admit(self, data: bytes, age: float, addr: tuple[str | int, ...]) -> bool:
         """The UDP transport asks this for every datagram: overload control (`StaleFilter`)."""
-        if self.stale.admit(data, age):
+        verdict = self.stale.judge(data, age)
+        if verdict is Verdict.ADMIT:
             return True
+        if verdict is Verdict.REFUSE:
+            reply = error_response(data, 503, "Service Unavailable", to_tag=new_tag())
+            if reply is not None:
+                self.transports.send(reply, Address("udp", str(addr[0]), int(addr[1])))
         self._report_overload_later()
         return False
 
@@ -347,6 +353,7 @@ class Service:
         log.warning(
             "sip_overload",
             dropped=report.dropped,
+            refused=report.refused,
             oldest_ms=round(report.oldest * 1000),
             max_queue_delay_ms=round(self.stale.max_delay * 1000),
             kernel_drops=report.kernel_drops,

@@ -66,8 +66,8 @@ _TIMESTAMPS = sys.platform == "linux" and struct.calcsize("@l") == 8
 #: Datagrams read per readiness callback before the loop gets a turn for timers and TCP.
 UDP_BATCH = 64
 
-#: Admission control: (datagram, seconds it waited in the kernel's queue) -> keep it?
-Admit = Callable[[bytes, float], bool]
+#: Admission control: (datagram, seconds it waited in the kernel's queue, sender) -> keep it?
+Admit = Callable[[bytes, float, tuple[str | int, ...]], bool]
 
 
 class UdpEndpoint:
@@ -163,7 +163,7 @@ class UdpEndpoint:
         if len(data) > self.max_size:
             log.warning("sip_datagram_too_large", size=len(data), peer=f"{addr[0]}:{addr[1]}")
             return
-        if self.admit is not None and not self.admit(data, age):
+        if self.admit is not None and not self.admit(data, age, addr):
             return
         if not data.strip(b"\r\n\x00 "):
             return  # RFC 5626 keep-alive (CRLF) or padding

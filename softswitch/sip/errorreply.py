@@ -14,8 +14,14 @@ _NEEDED = {
 }  # fmt: skip
 
 
-def error_response(data: bytes, status: int, reason: str) -> bytes | None:
-    """Bytes of a `status` response to the request in `data`, or None if it cannot be answered."""
+def error_response(
+    data: bytes, status: int, reason: str, to_tag: str | None = None
+) -> bytes | None:
+    """Bytes of a `status` response to the request in `data`, or None if it cannot be answered.
+
+    `to_tag` is added to a To header that has none (§8.2.6.2: a final response to a request
+    outside a dialog carries one; overload's 503 gives it, a 400 to garbage need not).
+    """
     data = data.lstrip(b"\r\n")
     end = data.find(b"\r\n\r\n")
     head = data[:end] if end >= 0 else data
@@ -34,7 +40,10 @@ def error_response(data: bytes, status: int, reason: str) -> bytes | None:
         if canonical != b"Via" and canonical in seen:
             continue
         seen.add(canonical)
-        copied.append(canonical + b": " + value.strip())
+        value = value.strip()
+        if to_tag and canonical == b"To" and b";tag=" not in value.lower():
+            value += b";tag=" + to_tag.encode("ascii")
+        copied.append(canonical + b": " + value)
     if len(seen) < len(set(_NEEDED.values())):
         return None
     reason_bytes = reason.encode("utf-8", "replace").replace(b"\r", b" ").replace(b"\n", b" ")

@@ -8,9 +8,13 @@ import time
 
 import pytest
 
-from softswitch.overload import StaleFilter
+from softswitch.overload import StaleFilter, Verdict
+from softswitch.service import Service
+from softswitch.sip.errorreply import error_response
 from softswitch.sip.transaction import Address
 from softswitch.transport import UdpEndpoint, _udp_socket
+
+from .test_service_register import service  # noqa: F401 (a fixture)
 
 INVITE = b"INVITE sip:1001@127.0.0.1 SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:5062\r\n\r\n"
 REGISTER = b"REGISTER sip:127.0.0.1 SIP/2.0\r\n\r\n"
@@ -18,22 +22,24 @@ REGISTER = b"REGISTER sip:127.0.0.1 SIP/2.0\r\n\r\n"
 
 def test_fresh_requests_pass() -> None:
     f = StaleFilter(0.5)
-    assert f.admit(INVITE, 0.0) and f.admit(REGISTER, 0.5)
+    assert f.judge(INVITE, 0.0) is Verdict.ADMIT and f.judge(REGISTER, 0.5) is Verdict.ADMIT
     assert f.dropped == 0 and f.report() is None
 
 
-def test_stale_new_work_is_dropped_and_reported_once() -> None:
+def test_stale_new_work_is_dropped_or_refused_and_reported_once() -> None:
+    """A stale REGISTER is dropped (its retransmission will do); a stale INVITE is refused
+    (a 503 stops the caller's retransmissions, which a drop would multiply)."""
     f = StaleFilter(0.5)
-    assert not f.admit(INVITE, 0.8)
-    assert not f.admit(REGISTER, 1.2)
+    assert f.judge(INVITE, 0.8) is Verdict.REFUSE
+    assert f.judge(REGISTER, 1.2) is Verdict.DROP
     report = f.report()
     assert report is not None
-    assert (report.dropped, report.oldest, report.kernel_drops) == (2, 1.2, 0)
+    assert (report.dropped, report.refused, report.oldest, report.kernel_drops) == (1, 1, 1.2, 0)
     assert f.report() is None  # nothing new since
-    assert not f.admit(REGISTER, 0.6)
+    assert f.judge(REGISTER, 0.6) is Verdict.DROP
     again = f.report()
-    assert again is not None and (again.dropped, again.oldest) == (1, 0.6)
-    assert f.dropped == 3
+    assert again is not None and (again.dropped, again.refused, again.oldest) == (1, 0, 0.6)
+    assert (f.dropped, f.refused) == (2, 1)
 
 
 @pytest.mark.parametrize(
@@ -47,7 +53,7 @@ def test_stale_new_work_is_dropped_and_reported_once() -> None:
 )
 def test_what_finishes_work_is_never_dropped(data: bytes) -> None:
     """A late response or BYE still completes or frees work that is already paid for."""
-    assert StaleFilter(0.5).admit(data, 30.0)
+    assert StaleFilter(0.5).judge(data, 30.0) is Verdict.ADMIT
 
 
 @pytest.mark.parametrize("header", [b"Authorization", b"Proxy-Authorization", b"AUTHORIZATION"])
@@ -55,12 +61,14 @@ def test_requests_answering_a_challenge_are_kept(header: bytes) -> None:
     """The authenticated REGISTER or INVITE completes work the 401/407 already paid for."""
     f = StaleFilter(0.5)
     data = REGISTER[:-2] + header + b': Digest username="1001"\r\n\r\n'
-    assert f.admit(data, 5.0)
+    assert f.judge(data, 5.0) is Verdict.ADMIT
     assert f.dropped == 0
+    invite = INVITE[:-2] + header + b': Digest username="1001"\r\n\r\n'
+    assert f.judge(invite, 5.0) is Verdict.ADMIT  # the INVITE after a 407
 
 
 def test_zero_turns_the_filter_off() -> None:
-    assert StaleFilter(0).admit(INVITE, 30.0)
+    assert StaleFilter(0).judge(INVITE, 30.0) is Verdict.ADMIT
 
 
 def test_kernel_drops_are_reported_as_a_difference() -> None:
@@ -79,7 +87,7 @@ async def test_udp_endpoint_hands_over_datagrams_with_their_age() -> None:
     received: list[tuple[bytes, Address]] = []
     ages: list[float] = []
 
-    def admit(data: bytes, age: float) -> bool:
+    def admit(data: bytes, age: float, addr: tuple[str | int, ...]) -> bool:
         ages.append(age)
         return data != b"drop me"
 
@@ -131,3 +139,30 @@ async def test_udp_endpoint_drops_oversized_datagrams() -> None:
         endpoint.close()
         sender.close()
     assert received == [REGISTER]
+
+
+FULL_INVITE = (
+    b"INVITE sip:1001@127.0.0.1 SIP/2.0\r\n"
+    b"Via: SIP/2.0/UDP 127.0.0.1:5062;branch=z9hG4bK-1\r\n"
+    b"From: <sip:3000@127.0.0.1>;tag=c1\r\nTo: <sip:1001@127.0.0.1>\r\n"
+    b"Call-ID: ov-1\r\nCSeq: 1 INVITE\r\nContent-Length: 0\r\n\r\n"
+)
+
+
+def test_the_refusal_is_a_503_with_a_to_tag() -> None:
+    reply = error_response(FULL_INVITE, 503, "Service Unavailable", to_tag="t1")
+    assert reply is not None and reply.startswith(b"SIP/2.0 503 Service Unavailable\r\n")
+    assert b"\r\nTo: <sip:1001@127.0.0.1>;tag=t1\r\n" in reply
+    tagged = FULL_INVITE.replace(b"<sip:1001@127.0.0.1>\r\n", b"<sip:1001@127.0.0.1>;tag=d\r\n")
+    again = error_response(tagged, 503, "Service Unavailable", to_tag="t1")
+    assert again is not None and b";tag=t1" not in again  # a dialog's tag is kept
+
+
+async def test_the_service_answers_a_stale_invite_503_and_forgets_it(
+    service: tuple[Service, list[bytes]],  # noqa: F811 (the imported fixture)
+) -> None:
+    svc, sent = service
+    assert not svc._admit(FULL_INVITE, 2.0, ("127.0.0.1", 5062))
+    assert len(sent) == 1 and sent[0].startswith(b"SIP/2.0 503 ")
+    assert svc.layer.stats().servers == 0  # no transaction, no call: nothing kept
+    assert svc._admit(FULL_INVITE, 0.1, ("127.0.0.1", 5062))  # fresh: handled as usual
