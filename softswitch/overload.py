@@ -52,6 +52,26 @@ class Verdict(Enum):
     REFUSE = "refuse"  # a stale new INVITE: answer 503 statelessly, the caller stops at once
 
 
+#: Branches of admitted INVITEs remembered: 64·T1 (32 s, the INVITE's retransmission window)
+#: at 2,000 calls a second.
+_REMEMBERED_INVITES = 65536
+
+
+def _branch(data: bytes) -> bytes:
+    """The first Via's branch parameter, found without parsing (b"" if there is none)."""
+    start = data.find(b"branch=")
+    if start < 0:
+        return b""
+    start += 7
+    end = start
+    size = len(data)
+    while end < size and data[end] not in _BRANCH_END:
+        end += 1
+    return data[start:end]
+
+
+_BRANCH_END = frozenset(b";, \t\r\n")
+
 #: Seconds between two `OverloadReport`s while datagrams are being dropped.
 REPORT_INTERVAL = 1.0
 
@@ -73,8 +93,15 @@ class StaleFilter:
     """
 
     __slots__ = (
-        "_dropped_reported", "_kernel_drops", "_last_kernel", "_oldest", "_refused_reported",
-        "dropped", "max_delay", "refused",
+        "_admitted_invites",
+        "_dropped_reported",
+        "_kernel_drops",
+        "_last_kernel",
+        "_oldest",
+        "_refused_reported",
+        "dropped",
+        "max_delay",
+        "refused",
     )  # fmt: skip
 
     def __init__(self, max_delay: float) -> None:
@@ -82,6 +109,8 @@ class StaleFilter:
         self.dropped = 0  # in total, for stats
         self._dropped_reported = 0  # ... of which the reports have told
         self.refused = 0  # stale new INVITEs answered 503, in total
+        #: Top-Via branches of recently admitted INVITEs, oldest first (insertion order).
+        self._admitted_invites: dict[bytes, None] = {}
         self._refused_reported = 0
         self._oldest = 0.0
         self._kernel_drops = 0  # cumulative count the kernel last told us
@@ -89,16 +118,37 @@ class StaleFilter:
 
     def judge(self, data: bytes, age: float) -> Verdict:
         """ADMIT unless `data` is a new-work request that waited longer than `max_delay`; then
-        REFUSE (503) for an INVITE, DROP for anything else."""
-        if age <= self.max_delay or not self.max_delay or data.startswith(_ALWAYS):
+        REFUSE (503) for a new INVITE, DROP for anything else."""
+        if not self.max_delay:
+            return Verdict.ADMIT
+        if data.startswith(b"INVITE "):
+            return self._judge_invite(data, age)
+        if age <= self.max_delay or data.startswith(_ALWAYS):
             return Verdict.ADMIT
         if _CREDENTIALS[0] in data or _CREDENTIALS[1] in data:
             return Verdict.ADMIT  # answers our challenge: the second half of work already begun
+        return self._drop(age)
+
+    def _judge_invite(self, data: bytes, age: float) -> Verdict:
+        """A stale INVITE is refused, unless it retransmits one we admitted: that call is under
+        way (its 100 Trying was late), and a 503 would kill it on the caller's side while we
+        go on answering it. Such a copy is dropped; the call's own answers reach the caller."""
+        branch = _branch(data)
+        if age <= self.max_delay or _CREDENTIALS[0] in data or _CREDENTIALS[1] in data:
+            self._admitted_invites[branch] = None
+            if len(self._admitted_invites) > _REMEMBERED_INVITES:
+                del self._admitted_invites[next(iter(self._admitted_invites))]
+            return Verdict.ADMIT
+        if branch in self._admitted_invites:
+            return self._drop(age)
         if age > self._oldest:
             self._oldest = age
-        if data.startswith(b"INVITE "):
-            self.refused += 1
-            return Verdict.REFUSE
+        self.refused += 1
+        return Verdict.REFUSE
+
+    def _drop(self, age: float) -> Verdict:
+        if age > self._oldest:
+            self._oldest = age
         self.dropped += 1
         return Verdict.DROP
 

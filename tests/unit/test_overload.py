@@ -166,3 +166,13 @@ async def test_the_service_answers_a_stale_invite_503_and_forgets_it(
     assert len(sent) == 1 and sent[0].startswith(b"SIP/2.0 503 ")
     assert svc.layer.stats().servers == 0  # no transaction, no call: nothing kept
     assert svc._admit(FULL_INVITE, 0.1, ("127.0.0.1", 5062))  # fresh: handled as usual
+
+
+def test_a_stale_retransmission_of_an_admitted_invite_is_dropped_not_refused() -> None:
+    """Its call is under way (the 100 Trying was late): a 503 would kill it at the caller."""
+    f = StaleFilter(0.5)
+    assert f.judge(FULL_INVITE, 0.1) is Verdict.ADMIT
+    assert f.judge(FULL_INVITE, 0.9) is Verdict.DROP  # the same branch, again, late
+    other = FULL_INVITE.replace(b"branch=z9hG4bK-1", b"branch=z9hG4bK-2")
+    assert f.judge(other, 0.9) is Verdict.REFUSE
+    assert (f.dropped, f.refused) == (1, 1)
