@@ -57,6 +57,12 @@ class Verdict(Enum):
 _REMEMBERED_INVITES = 65536
 
 
+def _remember(branches: dict[bytes, None], branch: bytes) -> None:
+    branches[branch] = None
+    if len(branches) > _REMEMBERED_INVITES:
+        del branches[next(iter(branches))]
+
+
 def _branch(data: bytes) -> bytes:
     """The first Via's branch parameter, found without parsing (b"" if there is none)."""
     start = data.find(b"branch=")
@@ -98,6 +104,7 @@ class StaleFilter:
         "_kernel_drops",
         "_last_kernel",
         "_oldest",
+        "_refused_invites",
         "_refused_reported",
         "dropped",
         "max_delay",
@@ -111,6 +118,7 @@ class StaleFilter:
         self.refused = 0  # stale new INVITEs answered 503, in total
         #: Top-Via branches of recently admitted INVITEs, oldest first (insertion order).
         self._admitted_invites: dict[bytes, None] = {}
+        self._refused_invites: dict[bytes, None] = {}  # ... and of those answered 503
         self._refused_reported = 0
         self._oldest = 0.0
         self._kernel_drops = 0  # cumulative count the kernel last told us
@@ -123,6 +131,9 @@ class StaleFilter:
             return Verdict.ADMIT
         if data.startswith(b"INVITE "):
             return self._judge_invite(data, age)
+        if self._refused_invites and data.startswith(b"ACK ") and self._acks_refusal(data):
+            self.dropped += 1
+            return Verdict.DROP  # the ACK for our stateless 503: nothing to do with it
         if age <= self.max_delay or data.startswith(_ALWAYS):
             return Verdict.ADMIT
         if _CREDENTIALS[0] in data or _CREDENTIALS[1] in data:
@@ -135,16 +146,21 @@ class StaleFilter:
         go on answering it. Such a copy is dropped; the call's own answers reach the caller."""
         branch = _branch(data)
         if age <= self.max_delay or _CREDENTIALS[0] in data or _CREDENTIALS[1] in data:
-            self._admitted_invites[branch] = None
-            if len(self._admitted_invites) > _REMEMBERED_INVITES:
-                del self._admitted_invites[next(iter(self._admitted_invites))]
+            _remember(self._admitted_invites, branch)
             return Verdict.ADMIT
         if branch in self._admitted_invites:
             return self._drop(age)
         if age > self._oldest:
             self._oldest = age
         self.refused += 1
+        _remember(self._refused_invites, branch)
         return Verdict.REFUSE
+
+    def _acks_refusal(self, ack: bytes) -> bool:
+        """An ACK for a non-2xx answer carries the INVITE's branch (RFC 3261 §17.1.1.3): one
+        with the branch of an INVITE we refused acknowledges our 503, which has no transaction
+        to stop, and need not be parsed at all (under overload there is one per refusal)."""
+        return _branch(ack) in self._refused_invites
 
     def _drop(self, age: float) -> Verdict:
         if age > self._oldest:

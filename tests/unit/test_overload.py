@@ -176,3 +176,13 @@ def test_a_stale_retransmission_of_an_admitted_invite_is_dropped_not_refused() -
     other = FULL_INVITE.replace(b"branch=z9hG4bK-1", b"branch=z9hG4bK-2")
     assert f.judge(other, 0.9) is Verdict.REFUSE
     assert (f.dropped, f.refused) == (1, 1)
+
+
+def test_the_ack_for_our_503_is_dropped_unread() -> None:
+    """It carries the refused INVITE's branch; other ACKs pass, however late."""
+    f = StaleFilter(0.5)
+    assert f.judge(FULL_INVITE, 0.9) is Verdict.REFUSE
+    ack = FULL_INVITE.replace(b"INVITE sip:", b"ACK sip:", 1).replace(b"1 INVITE", b"1 ACK")
+    assert f.judge(ack, 0.0) is Verdict.DROP
+    other = ack.replace(b"branch=z9hG4bK-1", b"branch=z9hG4bK-9")
+    assert f.judge(other, 5.0) is Verdict.ADMIT
