@@ -496,11 +496,21 @@ async def test_retrieve_moves_a_held_call_to_another_phone() -> None:
     assert rig.events[-1].state is CallState.ACTIVE and rig.events[-1].party == "1003"
     # A BYE from the caller now reaches the picker, and the call ends.
     (answer,) = rig.take(CALLER, "200")[:1]
+    caller_bye(rig, answer, "z9hG4bKbye9", 9)
+    assert len(rig.take(PICKER, "BYE")) == 1
+    assert rig.b2bua.calls == {} and rig.bus.model.calls("1001") == []
+
+
+CALLER2 = Address("udp", "127.0.0.1", 5072)
+
+
+def caller_bye(rig: Rig, answer: Response, branch: str, cseq: int) -> None:
+    """The caller hangs up in the dialog our 200 `answer` made; the B2BUA handles the BYE."""
     bye = (
-        f"BYE sip:127.0.0.1:5060 SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:5070;"
-        f"branch=z9hG4bKbye9\r\nFrom: {answer.headers.get('from')}\r\n"
-        f"To: {answer.headers.get('to')}\r\nCall-ID: call-1\r\nCSeq: 9 BYE\r\n"
-        "Max-Forwards: 70\r\nContent-Length: 0\r\n\r\n"
+        f"BYE sip:127.0.0.1:5060 SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:{CALLER.port};"
+        f"branch={branch}\r\nFrom: {answer.headers.get('from')}\r\n"
+        f"To: {answer.headers.get('to')}\r\nCall-ID: {answer.call_id}\r\n"
+        f"CSeq: {cseq} BYE\r\nMax-Forwards: 70\r\nContent-Length: 0\r\n\r\n"
     )
     rig.layer.receive(parse_message(bye.encode()), CALLER, rig.now)
     ev = rig.layer.next_event()
@@ -508,11 +518,6 @@ async def test_retrieve_moves_a_held_call_to_another_phone() -> None:
     leg = rig.b2bua.find_leg(ev.request)
     assert leg is not None
     rig.b2bua.on_in_dialog(ev.txn, ev.request, leg)
-    assert len(rig.take(PICKER, "BYE")) == 1
-    assert rig.b2bua.calls == {} and rig.bus.model.calls("1001") == []
-
-
-CALLER2 = Address("udp", "127.0.0.1", 5072)
 
 
 def in_dialog(
@@ -610,12 +615,13 @@ async def test_failed_blind_transfer_keeps_the_original_call() -> None:
     assert rig.bus.model.calls("1001")[0].state is CallState.ACTIVE
 
 
-async def test_attended_transfer_joins_the_two_far_ends() -> None:
-    rig = Rig()
+async def attended_refer(rig: Rig, second_sdp: bytes = SDP) -> None:
+    """Two calls from CALLER and CALLER2 answered on PHONES[0], whose phone then REFERs the
+    first to the second (Refer-To with Replaces): the B2BUA joins the two far ends."""
     await rig.invite(1, call_id="call-1")
     rig.answer(PHONES[0], 200, "t0", SDP)
-    await rig.invite(1, call_id="call-2", caller=CALLER2)
-    rig.answer(PHONES[0], 200, "u0", SDP)
+    await rig.invite(1, call_id="call-2", caller=CALLER2, body=second_sdp)
+    rig.answer(PHONES[0], 200, "u0", second_sdp)
     first, second = rig.take(PHONES[0], "INVITE")
     refer_to = (
         f"Refer-To: <sip:1004@127.0.0.1?Replaces={second.call_id}%3Bto-tag%3D"
@@ -625,6 +631,11 @@ async def test_attended_transfer_joins_the_two_far_ends() -> None:
     x1 = rig.b2bua.find_leg(ev.request)
     assert x1 is not None
     assert rig.b2bua.attended_transfer(x1, ev.txn, ev.request, second.call_id)
+
+
+async def test_attended_transfer_joins_the_two_far_ends() -> None:
+    rig = Rig()
+    await attended_refer(rig)
     assert len(rig.take(PHONES[0], "BYE")) == 2
     assert rig.take(PHONES[0], "NOTIFY")[-1].body.startswith(b"SIP/2.0 200")
     (re1,) = rig.take(CALLER, "INVITE")
@@ -728,18 +739,7 @@ async def test_retrieve_maps_the_far_ends_answer_to_the_new_phones_offer() -> No
 
 async def test_attended_transfer_maps_the_joined_far_ends_and_follows_their_answers() -> None:
     rig = Rig()
-    await rig.invite(1, call_id="call-1")
-    rig.answer(PHONES[0], 200, "t0", SDP)
-    await rig.invite(1, call_id="call-2", caller=CALLER2, body=SDP_96)
-    rig.answer(PHONES[0], 200, "u0", SDP_96)
-    first, second = rig.take(PHONES[0], "INVITE")
-    refer_to = (
-        f"Refer-To: <sip:1004@127.0.0.1?Replaces={second.call_id}%3Bto-tag%3D"
-        f"{second.from_.tag}%3Bfrom-tag%3Du0>\r\n"
-    )
-    ev = in_dialog(rig, PHONES[0], first, "t0", "REFER", 3, refer_to)
-    x1 = rig.b2bua.find_leg(ev.request)
-    assert x1 is not None and rig.b2bua.attended_transfer(x1, ev.txn, ev.request, second.call_id)
+    await attended_refer(rig, SDP_96)
     joined = rig.media.made[-1]
     assert joined.ports == (30002, 30006)  # CALLER's endpoint, CALLER2's
     assert joined.pt_maps == PtMaps({101: 96}, {96: 101})

@@ -11,9 +11,18 @@ from __future__ import annotations
 from softswitch.call_model import Call
 from softswitch.lines import CallState
 from softswitch.sip.message import Request, Response, parse_message
-from softswitch.sip.transaction_layer import RequestReceived
 
-from .test_calls import CALLER, PHONES, PICKER, SDP, Rig, in_dialog, new_invite, reply_to
+from .test_calls import (
+    CALLER,
+    PHONES,
+    PICKER,
+    SDP,
+    Rig,
+    caller_bye,
+    in_dialog,
+    new_invite,
+    reply_to,
+)
 
 SDP_A = SDP  # the caller's media: 127.0.0.1:4000
 SDP_B = SDP.replace(b"m=audio 4000 ", b"m=audio 5000 ").replace(
@@ -173,18 +182,7 @@ async def test_late_answer_without_sdp_from_the_only_phone_fails_the_call() -> N
 async def test_caller_bye_before_its_ack_still_acks_the_callee_first() -> None:
     rig = Rig()
     ok = await answered(rig)
-    bye = (
-        f"BYE sip:127.0.0.1:5060 SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:{CALLER.port};"
-        f"branch=z9hG4bKbye1\r\nFrom: {ok.headers.get('from')}\r\nTo: {ok.headers.get('to')}"
-        f"\r\nCall-ID: {ok.call_id}\r\nCSeq: 2 BYE\r\nMax-Forwards: 70\r\n"
-        "Content-Length: 0\r\n\r\n"
-    )
-    rig.layer.receive(parse_message(bye.encode()), CALLER, rig.now)
-    ev = rig.layer.next_event()
-    assert isinstance(ev, RequestReceived)
-    leg = rig.b2bua.find_leg(ev.request)
-    assert leg is not None
-    rig.b2bua.on_in_dialog(ev.txn, ev.request, leg)
+    caller_bye(rig, ok, "z9hG4bKbye1", 2)
     to_phone = [m for m, d in rig.sent if d == PHONES[0] and isinstance(m, Request)]
     assert [m.method for m in to_phone] == ["INVITE", "ACK", "BYE"]
     assert rig.b2bua.calls == {} and rig.b2bua._awaiting == {}
