@@ -45,6 +45,7 @@ from .sip.transaction_layer import (
     StrayResponse,
     TransactionLayer,
     TransactionTimeout,
+    stamp_received,
 )
 from .sip.transaction_layer import TransportError as DeliveryFailed
 from .sip.uri import SipUri
@@ -319,8 +320,36 @@ class Service:
         except ParseError as exc:
             self._reject_malformed(data, source, exc)
             return
+        if (
+            isinstance(msg, Request)
+            and msg.method == "REGISTER"
+            and self._challenge_statelessly(msg, source)
+        ):
+            return
         self.layer.receive(msg, source, self._loop_time())
         self._pump()
+
+    def _challenge_statelessly(self, req: Request, source: Address) -> bool:
+        """Answer a REGISTER without credentials (its 401, or a 404 for a bad AoR) without a
+        server transaction, as kamailio's `www_challenge` does with `sl_send_reply`.
+
+        Half of all REGISTERs are such first attempts. Keeping a transaction for each meant
+        a Timer J heap entry and 32 s of memory per 401, and a flood of unauthenticated
+        REGISTERs (a scanner) filled the tables; a retransmission now simply gets a fresh
+        401 with a fresh nonce, which the phone may use as well. False: not such a request,
+        the normal path takes it.
+        """
+        if "authorization" in req.headers or not isinstance(req.uri, SipUri):
+            return False
+        if self._precheck(req) is not None:
+            return False
+        stamp_received(req, source)
+        peer = f"{source.transport}:{source.host}:{source.port}"
+        outcome = self.registrar.handle(req, peer, time.time())
+        self.layer.send_stateless(outcome.response, source)
+        self._log_outcome(req, outcome.response, source, outcome.event, outcome.user, None)
+        self._pump_datagrams()
+        return True
 
     def _admit(self, data: bytes, age: float, addr: tuple[str | int, ...]) -> bool:
         """The UDP transport asks this for every datagram: overload control (`StaleFilter`)."""
@@ -568,16 +597,28 @@ class Service:
     ) -> None:
         self.layer.send_response(txn, resp, self._loop_time())
         if resp.status >= 200:
-            log.info(
-                event,
-                method=req.method,
-                status=resp.status,
-                call_id=req.call_id,
-                user=user,
-                peer=f"{source.transport}:{source.host}:{source.port}",
-                **({"detail": detail} if detail else {}),
-            )
+            self._log_outcome(req, resp, source, event, user, detail)
         self._pump_datagrams()
+
+    @staticmethod
+    def _log_outcome(
+        req: Request,
+        resp: Response,
+        source: Address,
+        event: str,
+        user: str | None,
+        detail: str | None,
+    ) -> None:
+        """The one log event per SIP transaction outcome."""
+        log.info(
+            event,
+            method=req.method,
+            status=resp.status,
+            call_id=req.call_id,
+            user=user,
+            peer=f"{source.transport}:{source.host}:{source.port}",
+            **({"detail": detail} if detail else {}),
+        )
 
     def _pump_datagrams(self) -> None:
         for data, dest in self.layer.datagrams_to_send():

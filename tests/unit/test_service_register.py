@@ -108,3 +108,19 @@ async def test_a_failed_commit_answers_500_and_reloads_from_disk(
     assert b"\r\nRetry-After: 5\r\n" in error
     await asyncio.sleep(0.1)  # the reload from disk runs as a task
     assert len(svc.bindings) == 0  # memory follows the disk, where nothing was written
+
+
+async def test_the_challenge_keeps_no_transaction(service: tuple[Service, list[bytes]]) -> None:
+    """A REGISTER without credentials is answered statelessly: no Timer J entry, no table
+    row per 401 (a scanner's flood leaves nothing behind); its retransmission gets a 401 of
+    its own, and the phone may answer either."""
+    svc, sent = service
+    svc._on_message(register(1), PHONE)
+    svc._on_message(register(1), PHONE)  # retransmitted
+    first, second = [d for d in sent if d.startswith(b"SIP/2.0 401")]
+    assert svc.layer.stats().servers == 0
+    assert b"\r\nVia: SIP/2.0/UDP 127.0.0.1:5070;branch=z9hG4bK-r1\r\n" in first
+    nonces = [re.search(rb'nonce="([^"]+)"', d).group(1) for d in (first, second)]  # type: ignore[union-attr]
+    assert nonces[0] != nonces[1]
+    svc._on_message(register(2, authorization(nonces[0].decode())), PHONE)
+    assert b"Contact: <sip:1001@127.0.0.1:5070>;expires=" in await answer(sent, b"200")
