@@ -60,7 +60,11 @@ ALLOW = "INVITE, ACK, CANCEL, BYE, OPTIONS, REGISTER, REFER, NOTIFY, SUBSCRIBE, 
 SUPPORTED: frozenset[str] = frozenset()
 ALLOW_EVENTS = "dialog, call-info, line-seize"
 HOUSEKEEPING_INTERVAL = 30.0
-FULL_GC_AFTER = 100  # middle-generation collections between full ones (CPython's default: 10)
+FULL_GC_AFTER = 100
+#: Stateless 401s kept to repeat to a retransmitted REGISTER: at most this many (~4 MB), for
+#: at most CHALLENGE_TTL seconds (a REGISTER's first six retransmissions: 0.5+1+2+4+4+4 s).
+CHALLENGES_KEPT = 8192
+CHALLENGE_TTL = 16.0  # middle-generation collections between full ones (CPython's default: 10)
 
 
 class ServiceError(Exception):
@@ -132,6 +136,9 @@ class Service:
         self._tasks: set[asyncio.Task[None]] = set()
         self._housekeeping: asyncio.Task[None] | None = None
         self._reloading: asyncio.Task[None] | None = None
+        #: (hash of a challenged REGISTER's bytes, its source) -> our 401, oldest first
+        self._challenged: dict[tuple[int, Address], tuple[float, bytes]] = {}
+        self._challenge_pruner: asyncio.TimerHandle | None = None
         self._reload_again = False
 
     # --- lifecycle --------------------------------------------------------------------------
@@ -186,6 +193,8 @@ class Service:
             self._timer.cancel()
         if self._overload_report is not None:
             self._overload_report.cancel()
+        if self._challenge_pruner is not None:
+            self._challenge_pruner.cancel()
         await self.store.close()
         log.info("service_stopped")
 
@@ -315,6 +324,11 @@ class Service:
         now = time.time()
         if self.throttle.blocked(source.host, now):
             return
+        if self._challenged and data.startswith(b"REGISTER "):
+            repeat = self._challenged.get((hash(data), source))
+            if repeat is not None:  # a retransmission we challenged: the same 401 again
+                self.transports.send(repeat[1], source)
+                return
         try:
             msg = parse_message(data, stream=source.transport != "udp")
         except ParseError as exc:
@@ -323,21 +337,23 @@ class Service:
         if (
             isinstance(msg, Request)
             and msg.method == "REGISTER"
-            and self._challenge_statelessly(msg, source)
+            and self._challenge_statelessly(msg, source, data)
         ):
             return
         self.layer.receive(msg, source, self._loop_time())
         self._pump()
 
-    def _challenge_statelessly(self, req: Request, source: Address) -> bool:
+    def _challenge_statelessly(self, req: Request, source: Address, data: bytes) -> bool:
         """Answer a REGISTER without credentials (its 401, or a 404 for a bad AoR) without a
         server transaction, as kamailio's `www_challenge` does with `sl_send_reply`.
 
         Half of all REGISTERs are such first attempts. Keeping a transaction for each meant
         a Timer J heap entry and 32 s of memory per 401, and a flood of unauthenticated
-        REGISTERs (a scanner) filled the tables; a retransmission now simply gets a fresh
-        401 with a fresh nonce, which the phone may use as well. False: not such a request,
-        the normal path takes it.
+        REGISTERs (a scanner) filled the tables. A retransmission still gets the very same
+        401 (SIPp, unlike a phone, takes a 401 with another nonce for a new message): the
+        answers are kept by the request's bytes and its source, at most `CHALLENGES_KEPT`
+        for at most `CHALLENGE_TTL` s, under one timer. False: not such a request, the
+        normal path takes it.
         """
         if "authorization" in req.headers or not isinstance(req.uri, SipUri):
             return False
@@ -346,10 +362,33 @@ class Service:
         stamp_received(req, source)
         peer = f"{source.transport}:{source.host}:{source.port}"
         outcome = self.registrar.handle(req, peer, time.time())
-        self.layer.send_stateless(outcome.response, source)
+        wire = outcome.response.to_bytes()
+        self.transports.send(wire, source)
+        challenged = self._challenged
+        if not challenged:
+            self._prune_challenges_later()
+        challenged[(hash(data), source)] = (self._loop_time(), wire)
+        if len(challenged) > CHALLENGES_KEPT:
+            del challenged[next(iter(challenged))]
         self._log_outcome(req, outcome.response, source, outcome.event, outcome.user, None)
-        self._pump_datagrams()
         return True
+
+    def _prune_challenges_later(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._challenge_pruner = loop.call_later(CHALLENGE_TTL / 4, self._prune_challenges)
+
+    def _prune_challenges(self) -> None:
+        """Forget the stateless 401s older than `CHALLENGE_TTL`: one timer for all of them."""
+        self._challenge_pruner = None
+        challenged = self._challenged
+        oldest = self._loop_time() - CHALLENGE_TTL
+        while challenged:
+            key = next(iter(challenged))
+            if challenged[key][0] > oldest:
+                break
+            del challenged[key]
+        if challenged:
+            self._prune_challenges_later()
 
     def _admit(self, data: bytes, age: float, addr: tuple[str | int, ...]) -> bool:
         """The UDP transport asks this for every datagram: overload control (`StaleFilter`)."""

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from dialplan import load_config
+from softswitch import service as service_module
 from softswitch.service import Service
 from softswitch.sip.transaction import Address
 from softswitch.store.sqlite import StoreError
@@ -112,15 +113,30 @@ async def test_a_failed_commit_answers_500_and_reloads_from_disk(
 
 async def test_the_challenge_keeps_no_transaction(service: tuple[Service, list[bytes]]) -> None:
     """A REGISTER without credentials is answered statelessly: no Timer J entry, no table
-    row per 401 (a scanner's flood leaves nothing behind); its retransmission gets a 401 of
-    its own, and the phone may answer either."""
+    row per 401 (a scanner's flood leaves nothing behind); its retransmission gets the very
+    same 401, as a transaction would have sent."""
     svc, sent = service
     svc._on_message(register(1), PHONE)
     svc._on_message(register(1), PHONE)  # retransmitted
     first, second = [d for d in sent if d.startswith(b"SIP/2.0 401")]
     assert svc.layer.stats().servers == 0
+    assert first == second
     assert b"\r\nVia: SIP/2.0/UDP 127.0.0.1:5070;branch=z9hG4bK-r1\r\n" in first
-    nonces = [re.search(rb'nonce="([^"]+)"', d).group(1) for d in (first, second)]  # type: ignore[union-attr]
-    assert nonces[0] != nonces[1]
-    svc._on_message(register(2, authorization(nonces[0].decode())), PHONE)
+    nonce = re.search(rb'nonce="([^"]+)"', first).group(1)  # type: ignore[union-attr]
+    svc._on_message(register(2, authorization(nonce.decode())), PHONE)
     assert b"Contact: <sip:1001@127.0.0.1:5070>;expires=" in await answer(sent, b"200")
+
+
+async def test_kept_challenges_are_forgotten_after_their_time(
+    service: tuple[Service, list[bytes]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Nothing of a challenge outlives the retransmission window (memory per binding)."""
+    monkeypatch.setattr(service_module, "CHALLENGE_TTL", 0.2)
+    svc, _ = service
+    svc._on_message(register(1), PHONE)
+    assert len(svc._challenged) == 1
+    for _ in range(100):
+        if not svc._challenged:
+            break
+        await asyncio.sleep(0.02)
+    assert svc._challenged == {} and svc._challenge_pruner is None
