@@ -60,11 +60,11 @@ ALLOW = "INVITE, ACK, CANCEL, BYE, OPTIONS, REGISTER, REFER, NOTIFY, SUBSCRIBE, 
 SUPPORTED: frozenset[str] = frozenset()
 ALLOW_EVENTS = "dialog, call-info, line-seize"
 HOUSEKEEPING_INTERVAL = 30.0
-FULL_GC_AFTER = 100
+FULL_GC_AFTER = 100  # middle-generation collections between full ones (CPython's default: 10)
 #: Stateless 401s kept to repeat to a retransmitted REGISTER: at most this many (~4 MB), for
 #: at most CHALLENGE_TTL seconds (a REGISTER's first six retransmissions: 0.5+1+2+4+4+4 s).
 CHALLENGES_KEPT = 8192
-CHALLENGE_TTL = 16.0  # middle-generation collections between full ones (CPython's default: 10)
+CHALLENGE_TTL = 16.0
 
 
 class ServiceError(Exception):
