@@ -87,8 +87,10 @@ class UdpEndpoint:
         max_size: int,
         admit: Admit | None = None,
         kernel_drops: Callable[[int], None] | None = None,
+        wall: Callable[[], float] = time.time,
     ) -> None:
         self.sock = sock
+        self._wall = wall  # the clock of the kernel's receive stamps (CLOCK_REALTIME)
         self.handler = handler
         self.max_size = max_size
         self.admit = admit
@@ -117,18 +119,13 @@ class UdpEndpoint:
             log.debug("udp_send_error", peer=f"{addr[0]}:{addr[1]}", error=str(exc))
 
     def _on_readable(self) -> None:
-        if self._timestamps:
-            self._read_timed()
-        else:
-            self._read_plain()
-
-    def _read_timed(self) -> None:
         recvmsg = self.sock.recvmsg
         size = self.max_size + 1  # one byte more: a datagram that fills it is too large
-        now = 0.0
+        ancillary = _ANCILLARY if self._timestamps else 0
+        now = 0.0  # the wall clock, read once per wake-up and only if a datagram is stamped
         for _ in range(UDP_BATCH):
             try:
-                data, ancdata, _, addr = recvmsg(size, _ANCILLARY)
+                data, ancdata, _, addr = recvmsg(size, ancillary)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:  # ICMP errors queued on the socket
@@ -140,24 +137,11 @@ class UdpEndpoint:
                     continue
                 if kind == SO_TIMESTAMPNS and len(value) >= _TIMESPEC.size:
                     sec, nsec = _TIMESPEC.unpack_from(value)
-                    now = now or time.time()
+                    now = now or self._wall()
                     age = now - (sec + nsec * 1e-9)
                 elif kind == SO_RXQ_OVFL and len(value) >= 4:
                     self._note_kernel_drops(int.from_bytes(value[:4], sys.byteorder))
             self._deliver(data, addr, age)
-
-    def _read_plain(self) -> None:
-        recvfrom = self.sock.recvfrom
-        size = self.max_size + 1
-        for _ in range(UDP_BATCH):
-            try:
-                data, addr = recvfrom(size)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                log.debug("udp_error", error=str(exc))
-                continue
-            self._deliver(data, addr, 0.0)
 
     def _deliver(self, data: bytes, addr: tuple[str | int, ...], age: float) -> None:
         if len(data) > self.max_size:
