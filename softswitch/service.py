@@ -49,6 +49,7 @@ from .sip.transaction_layer import (
 )
 from .sip.transaction_layer import TransportError as DeliveryFailed
 from .sip.uri import SipUri
+from .stateless import StatelessReplies
 from .store.sqlite import SqliteStore, StoreError
 from .subscriptions import SubscriptionManager
 from .throttle import FailureThrottle
@@ -61,10 +62,6 @@ SUPPORTED: frozenset[str] = frozenset()
 ALLOW_EVENTS = "dialog, call-info, line-seize"
 HOUSEKEEPING_INTERVAL = 30.0
 FULL_GC_AFTER = 100  # middle-generation collections between full ones (CPython's default: 10)
-#: Stateless 401s kept to repeat to a retransmitted REGISTER: at most this many (~4 MB), for
-#: at most CHALLENGE_TTL seconds (a REGISTER's first six retransmissions: 0.5+1+2+4+4+4 s).
-CHALLENGES_KEPT = 8192
-CHALLENGE_TTL = 16.0
 
 
 class ServiceError(Exception):
@@ -118,11 +115,14 @@ class Service:
         self._notifiers: tuple[SubscriptionManager, ...] = (self.subscriptions, self.sca)
         for n in self._notifiers:
             self.bus.subscribe(n.on_line_event)
+        #: Stateless 401s by (hash of the REGISTER's bytes, its source), for retransmissions
+        self.challenges = StatelessReplies()
         # Asked after every message: bound methods, not a tuple rebuilt each time.
         self._timer_sources = (
             self.layer.get_timer,
             self.b2bua.get_timer,
             *(n.get_timer for n in self._notifiers),
+            self.challenges.get_timer,
         )
         self.calls.sca = self.sca
         self.b2bua.fork_headers = self._fork_headers
@@ -136,9 +136,6 @@ class Service:
         self._tasks: set[asyncio.Task[None]] = set()
         self._housekeeping: asyncio.Task[None] | None = None
         self._reloading: asyncio.Task[None] | None = None
-        #: (hash of a challenged REGISTER's bytes, its source) -> our 401, oldest first
-        self._challenged: dict[tuple[int, Address], tuple[float, bytes]] = {}
-        self._challenge_pruner: asyncio.TimerHandle | None = None
         self._reload_again = False
 
     # --- lifecycle --------------------------------------------------------------------------
@@ -193,8 +190,6 @@ class Service:
             self._timer.cancel()
         if self._overload_report is not None:
             self._overload_report.cancel()
-        if self._challenge_pruner is not None:
-            self._challenge_pruner.cancel()
         await self.store.close()
         log.info("service_stopped")
 
@@ -324,10 +319,10 @@ class Service:
         now = time.time()
         if self.throttle.blocked(source.host, now):
             return
-        if self._challenged and data.startswith(b"REGISTER "):
-            repeat = self._challenged.get((hash(data), source))
+        if self.challenges and data.startswith(b"REGISTER "):
+            repeat = self.challenges.get((hash(data), source))
             if repeat is not None:  # a retransmission we challenged: the same 401 again
-                self.transports.send(repeat[1], source)
+                self.transports.send(repeat, source)
                 return
         try:
             msg = parse_message(data, stream=source.transport != "udp")
@@ -350,10 +345,8 @@ class Service:
         Half of all REGISTERs are such first attempts. Keeping a transaction for each meant
         a Timer J heap entry and 32 s of memory per 401, and a flood of unauthenticated
         REGISTERs (a scanner) filled the tables. A retransmission still gets the very same
-        401 (SIPp, unlike a phone, takes a 401 with another nonce for a new message): the
-        answers are kept by the request's bytes and its source, at most `CHALLENGES_KEPT`
-        for at most `CHALLENGE_TTL` s, under one timer. False: not such a request, the
-        normal path takes it.
+        401 (SIPp, unlike a phone, takes a 401 with another nonce for a new message), from
+        `challenges`. False: not such a request, the normal path takes it.
         """
         if "authorization" in req.headers or not isinstance(req.uri, SipUri):
             return False
@@ -364,31 +357,10 @@ class Service:
         outcome = self.registrar.handle(req, peer, time.time())
         wire = outcome.response.to_bytes()
         self.transports.send(wire, source)
-        challenged = self._challenged
-        if not challenged:
-            self._prune_challenges_later()
-        challenged[(hash(data), source)] = (self._loop_time(), wire)
-        if len(challenged) > CHALLENGES_KEPT:
-            del challenged[next(iter(challenged))]
+        self.challenges.put((hash(data), source), wire, self._loop_time())
+        self._arm_timer()
         self._log_outcome(req, outcome.response, source, outcome.event, outcome.user, None)
         return True
-
-    def _prune_challenges_later(self) -> None:
-        loop = asyncio.get_running_loop()
-        self._challenge_pruner = loop.call_later(CHALLENGE_TTL / 4, self._prune_challenges)
-
-    def _prune_challenges(self) -> None:
-        """Forget the stateless 401s older than `CHALLENGE_TTL`: one timer for all of them."""
-        self._challenge_pruner = None
-        challenged = self._challenged
-        oldest = self._loop_time() - CHALLENGE_TTL
-        while challenged:
-            key = next(iter(challenged))
-            if challenged[key][0] > oldest:
-                break
-            del challenged[key]
-        if challenged:
-            self._prune_challenges_later()
 
     def _admit(self, data: bytes, age: float, addr: tuple[str | int, ...]) -> bool:
         """The UDP transport asks this for every datagram: overload control (`StaleFilter`)."""
@@ -504,6 +476,7 @@ class Service:
         self.b2bua.handle_timer(now)
         for n in self._notifiers:
             n.handle_timer(now)
+        self.challenges.handle_timer(now)
         self._pump()
 
     @staticmethod

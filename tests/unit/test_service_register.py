@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 
 from dialplan import load_config
-from softswitch import service as service_module
 from softswitch.service import Service
 from softswitch.sip.transaction import Address
 from softswitch.store.sqlite import StoreError
@@ -128,15 +127,14 @@ async def test_the_challenge_keeps_no_transaction(service: tuple[Service, list[b
 
 
 async def test_kept_challenges_are_forgotten_after_their_time(
-    service: tuple[Service, list[bytes]], monkeypatch: pytest.MonkeyPatch
+    service: tuple[Service, list[bytes]],
 ) -> None:
-    """Nothing of a challenge outlives the retransmission window (memory per binding)."""
-    monkeypatch.setattr(service_module, "CHALLENGE_TTL", 0.2)
+    """Nothing of a challenge outlives the retransmission window (memory per binding): the
+    service's one timer is armed for the kept 401's expiry, which then forgets it."""
     svc, _ = service
     svc._on_message(register(1), PHONE)
-    assert len(svc._challenged) == 1
-    for _ in range(100):
-        if not svc._challenged:
-            break
-        await asyncio.sleep(0.02)
-    assert svc._challenged == {} and svc._challenge_pruner is None
+    assert len(svc.challenges) == 1
+    expiry = svc.challenges.get_timer()
+    assert expiry is not None and svc._timer_at is not None and svc._timer_at <= expiry
+    svc.challenges.handle_timer(expiry)
+    assert len(svc.challenges) == 0 and svc.challenges.get_timer() is None
