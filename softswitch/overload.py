@@ -32,6 +32,8 @@ Sans-I/O: the caller supplies the age and the clock; the policy only counts and 
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 
@@ -52,8 +54,8 @@ class Verdict(Enum):
     REFUSE = "refuse"  # a stale new INVITE: answer 503 statelessly, the caller stops at once
 
 
-#: Branches of admitted INVITEs remembered: 64·T1 (32 s, the INVITE's retransmission window)
-#: at 2,000 calls a second.
+#: Branches of refused INVITEs remembered (to drop the ACKs of our 503s): 64·T1 (32 s, the
+#: INVITE's retransmission window) at 2,000 refusals a second.
 _REMEMBERED_INVITES = 65536
 
 
@@ -65,18 +67,11 @@ def _remember(branches: dict[bytes, None], branch: bytes) -> None:
 
 def _branch(data: bytes) -> bytes:
     """The first Via's branch parameter, found without parsing (b"" if there is none)."""
-    start = data.find(b"branch=")
-    if start < 0:
-        return b""
-    start += 7
-    end = start
-    size = len(data)
-    while end < size and data[end] not in _BRANCH_END:
-        end += 1
-    return data[start:end]
+    found = _BRANCH.search(data)
+    return found.group(1) if found else b""
 
 
-_BRANCH_END = frozenset(b";, \t\r\n")
+_BRANCH = re.compile(rb"branch=([^;,\s]*)")
 
 #: Seconds between two `OverloadReport`s while datagrams are being dropped.
 REPORT_INTERVAL = 1.0
@@ -95,11 +90,12 @@ class OverloadReport:
 class StaleFilter:
     """Admit or drop each received UDP datagram by its age.
 
-    `max_delay` in seconds; 0 turns the filter off (everything is admitted).
+    `max_delay` in seconds; 0 turns the filter off (everything is admitted). `retransmits`
+    says whether a datagram repeats a request the transaction layer already has (asked only
+    for a stale INVITE about to be refused; None: never).
     """
 
     __slots__ = (
-        "_admitted_invites",
         "_dropped_reported",
         "_kernel_drops",
         "_last_kernel",
@@ -109,16 +105,19 @@ class StaleFilter:
         "dropped",
         "max_delay",
         "refused",
+        "retransmits",
     )  # fmt: skip
 
-    def __init__(self, max_delay: float) -> None:
+    def __init__(
+        self, max_delay: float, retransmits: Callable[[bytes], bool] | None = None
+    ) -> None:
         self.max_delay = max_delay
+        self.retransmits = retransmits
         self.dropped = 0  # in total, for stats
         self._dropped_reported = 0  # ... of which the reports have told
         self.refused = 0  # stale new INVITEs answered 503, in total
-        #: Top-Via branches of recently admitted INVITEs, oldest first (insertion order).
-        self._admitted_invites: dict[bytes, None] = {}
-        self._refused_invites: dict[bytes, None] = {}  # ... and of those answered 503
+        #: Top-Via branches of the INVITEs answered 503, oldest first (insertion order).
+        self._refused_invites: dict[bytes, None] = {}
         self._refused_reported = 0
         self._oldest = 0.0
         self._kernel_drops = 0  # cumulative count the kernel last told us
@@ -143,17 +142,16 @@ class StaleFilter:
     def _judge_invite(self, data: bytes, age: float) -> Verdict:
         """A stale INVITE is refused, unless it retransmits one we admitted: that call is under
         way (its 100 Trying was late), and a 503 would kill it on the caller's side while we
-        go on answering it. Such a copy is dropped; the call's own answers reach the caller."""
-        branch = _branch(data)
+        go on answering it. Such a copy goes to the transaction layer, which repeats the 100
+        Trying and stops the caller's retransmissions."""
         if age <= self.max_delay or _CREDENTIALS[0] in data or _CREDENTIALS[1] in data:
-            _remember(self._admitted_invites, branch)
             return Verdict.ADMIT
-        if branch in self._admitted_invites:
-            return self._drop(age)
+        if self.retransmits is not None and self.retransmits(data):
+            return Verdict.ADMIT
         if age > self._oldest:
             self._oldest = age
         self.refused += 1
-        _remember(self._refused_invites, branch)
+        _remember(self._refused_invites, _branch(data))
         return Verdict.REFUSE
 
     def _acks_refusal(self, ack: bytes) -> bool:

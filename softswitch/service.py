@@ -76,7 +76,7 @@ class Service:
         self.config_path = config_path
         self.data_dir_base = data_dir_base
         self.layer = TransactionLayer()
-        self.stale = StaleFilter(cfg.overload.max_queue_delay_ms / 1000)
+        self.stale = StaleFilter(cfg.overload.max_queue_delay_ms / 1000, self._retransmits)
         self._overload_report: asyncio.TimerHandle | None = None
         self.transports = TransportManager(
             self._on_message,
@@ -373,6 +373,15 @@ class Service:
                 self.transports.send(reply, Address("udp", str(addr[0]), int(addr[1])))
         self._report_overload_later()
         return False
+
+    def _retransmits(self, data: bytes) -> bool:
+        """Does `data` repeat a request the transaction layer already has? Parses: asked only
+        for a stale INVITE about to be refused, so overload, never the normal path, pays."""
+        try:
+            msg = parse_message(data)
+        except ParseError:
+            return False
+        return isinstance(msg, Request) and self.layer.has_server(msg)
 
     def _kernel_drops(self, total: int) -> None:
         self.stale.kernel_dropped(total)

@@ -273,6 +273,10 @@ class TransactionLayer:
         """The transport could not deliver for `txn` (e.g. a TCP connect failed)."""
         self._apply(txn, Input.TRANSPORT_ERROR, now)
 
+    def has_server(self, req: Request) -> bool:
+        """Whether `req` repeats a request we have a server transaction for (§17.2.3)."""
+        return server_key(req) in self._servers
+
     def find_invite_for_cancel(self, cancel: Request) -> ServerTransaction | None:
         """The INVITE server transaction a received CANCEL targets (§9.2), in whatever state.
 

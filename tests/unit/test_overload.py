@@ -173,14 +173,29 @@ async def test_the_service_answers_a_stale_invite_503_and_forgets_it(
     assert svc._admit(FULL_INVITE, 0.1, ("127.0.0.1", 5062))  # fresh: handled as usual
 
 
-def test_a_stale_retransmission_of_an_admitted_invite_is_dropped_not_refused() -> None:
-    """Its call is under way (the 100 Trying was late): a 503 would kill it at the caller."""
-    f = StaleFilter(0.5)
+def test_a_stale_retransmission_of_an_admitted_invite_is_passed_on_not_refused() -> None:
+    """Its call is under way (the 100 Trying was late): a 503 would kill it at the caller.
+    Whether it is one is the transaction layer's knowledge (`retransmits`); the transaction
+    then repeats its 100 Trying."""
+    known = {FULL_INVITE}
+    f = StaleFilter(0.5, retransmits=known.__contains__)
     assert f.judge(FULL_INVITE, 0.1) is Verdict.ADMIT
-    assert f.judge(FULL_INVITE, 0.9) is Verdict.DROP  # the same branch, again, late
+    assert f.judge(FULL_INVITE, 0.9) is Verdict.ADMIT  # the same request, again, late
     other = FULL_INVITE.replace(b"branch=z9hG4bK-1", b"branch=z9hG4bK-2")
     assert f.judge(other, 0.9) is Verdict.REFUSE
-    assert (f.dropped, f.refused) == (1, 1)
+    assert (f.dropped, f.refused) == (0, 1)
+
+
+async def test_the_service_passes_a_stale_retransmission_to_its_transaction(
+    service: tuple[Service, list[bytes]],  # noqa: F811 (the imported fixture)
+) -> None:
+    svc, sent = service
+    assert svc._admit(FULL_INVITE, 0.1, ("127.0.0.1", 5062))
+    svc._on_message(FULL_INVITE, Address("udp", "127.0.0.1", 5062))  # a server transaction
+    assert svc.layer.stats().servers == 1
+    sent.clear()
+    assert svc._admit(FULL_INVITE, 2.0, ("127.0.0.1", 5062))  # late copy: no 503
+    assert sent == [] and svc.stale.refused == 0
 
 
 def test_the_ack_for_our_503_is_dropped_unread() -> None:
