@@ -6,6 +6,7 @@ and parsed, and phones' answers are fed in as parsed responses.
 
 from __future__ import annotations
 
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -158,6 +159,21 @@ class Rig:
         body: bytes = SDP,
     ) -> Any:
         """The caller's INVITE (`body=b""`: a late offer), forked to `n_targets` phones."""
+        txn, pending = self.begin(n_targets, ring_time, call_id, caller, phones, body)
+        if pending is not None:  # no endpoints ready (FakeMedia.pooled off): bound first
+            await pending
+        return txn
+
+    def begin(
+        self,
+        n_targets: int = 3,
+        ring_time: float = 30,
+        call_id: str = "call-1",
+        caller: Address = CALLER,
+        phones: list[Address] | None = None,
+        body: bytes = SDP,
+    ) -> tuple[Any, Coroutine[Any, Any, None] | None]:
+        """`invite` up to `B2BUA.begin_call`: the transaction and what is left to await."""
         ctype = "Content-Type: application/sdp\r\n" if body else ""
         raw = (
             "INVITE sip:1001@127.0.0.1 SIP/2.0\r\n"
@@ -186,9 +202,7 @@ class Rig:
             targets=targets,
             ring_time=ring_time,
         )
-        if pending is not None:  # no endpoints ready (FakeMedia.pooled off): bound first
-            await pending
-        return ev.txn
+        return ev.txn, pending
 
     def answer(self, phone: Address, status: int, tag: str, body: bytes = b"") -> None:
         inv = self.take(phone, "INVITE")[-1]
@@ -293,29 +307,9 @@ async def test_without_ready_endpoints_the_forks_wait_for_the_binding() -> None:
     assert len(rig.take(method="INVITE")) == 2
     late = Rig()
     late.media.pooled = False
-    raw = (
-        "INVITE sip:1001@127.0.0.1 SIP/2.0\r\n"
-        "Via: SIP/2.0/UDP 127.0.0.1:5070;branch=z9hG4bKlate\r\n"
-        'From: "Dave" <sip:1004@127.0.0.1>;tag=abc\r\nTo: <sip:1001@127.0.0.1>\r\n'
-        "Call-ID: late\r\nCSeq: 1 INVITE\r\nContact: <sip:1004@127.0.0.1:5070>\r\n"
-        f"Content-Type: application/sdp\r\nContent-Length: {len(SDP)}\r\n\r\n"
-    ).encode() + SDP
-    late.layer.receive(parse_message(raw), CALLER, late.now)
-    ev = late.layer.next_event()
-    assert isinstance(ev, RequestReceived)
-    target = ForkTarget("1002", f"sip:x@127.0.0.1:{PHONES[0].port}", PHONES[0])
-    pending = late.b2bua.begin_call(
-        ev.txn,
-        ev.request,
-        CALLER,
-        lines=[LineRef("1001", Direction.INBOUND, None, "1004", "Dave")],
-        caller_from='"Dave" <sip:1004@127.0.0.1>',
-        caller_pai=None,
-        targets=[target],
-        ring_time=30,
-    )
+    txn, pending = late.begin(1, call_id="late")
     assert pending is not None and late.take(method="INVITE") == []
-    late.layer.send_response(ev.txn, ev.request.make_response(487), late.now)
+    late.layer.send_response(txn, txn.request.make_response(487), late.now)
     late.advance(40)  # the INVITE transaction ends (Timer H/I): the caller is gone
     await pending
     assert late.take(method="INVITE") == []
