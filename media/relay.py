@@ -126,8 +126,7 @@ class MediaManager:
         """
         if len(self._pool) < count:
             return None
-        endpoints = [self._from_pool() for _ in range(count)]
-        ready = [ep for ep in endpoints if ep is not None]
+        ready = [self._take_pooled() for _ in range(count)]
         self._endpoints.update(ready)
         self._refill_later()
         return ready
@@ -165,11 +164,12 @@ class MediaManager:
     # --- the pool of ready endpoints ---
 
     def _from_pool(self) -> RtpEndpoint | None:
-        """A pooled endpoint, reset: it was read (and dropped) while it waited, so it is on the
-        poller already, and whatever strangers sent it meanwhile must not follow it into a call
-        (a stranger's old packet must not hold the latch)."""
-        if not self._pool:
-            return None
+        return self._take_pooled() if self._pool else None
+
+    def _take_pooled(self) -> RtpEndpoint:
+        """A pooled endpoint (there must be one), reset: it was read (and dropped) while it
+        waited, so it is on the poller already, and whatever strangers sent it meanwhile must
+        not follow it into a call (a stranger's old packet must not hold the latch)."""
         endpoint = self._pool.popleft()
         endpoint.reset()
         return endpoint
