@@ -143,11 +143,19 @@ class StaleFilter:
         """A stale INVITE is refused, unless it retransmits one we admitted: that call is under
         way (its 100 Trying was late), and a 503 would kill it on the caller's side while we
         go on answering it. Such a copy goes to the transaction layer, which repeats the 100
-        Trying and stops the caller's retransmissions."""
+        Trying and stops the caller's retransmissions. The other way round, a copy of an
+        INVITE we refused is refused again however fresh: set up now, its call would be
+        answered to a caller that already gave it up on our 503."""
+        refused = self._refused_invites
+        if refused and _branch(data) in refused:
+            return self._refuse(data, age)  # a copy of one we refused: the same answer again
         if age <= self.max_delay or _CREDENTIALS[0] in data or _CREDENTIALS[1] in data:
             return Verdict.ADMIT
         if self.retransmits is not None and self.retransmits(data):
             return Verdict.ADMIT
+        return self._refuse(data, age)
+
+    def _refuse(self, data: bytes, age: float) -> Verdict:
         if age > self._oldest:
             self._oldest = age
         self.refused += 1

@@ -170,7 +170,10 @@ async def test_the_service_answers_a_stale_invite_503_and_forgets_it(
     assert not svc._admit(FULL_INVITE, 2.0, ("127.0.0.1", 5062))
     assert len(sent) == 1 and sent[0].startswith(b"SIP/2.0 503 ")
     assert svc.layer.stats().servers == 0  # no transaction, no call: nothing kept
-    assert svc._admit(FULL_INVITE, 0.1, ("127.0.0.1", 5062))  # fresh: handled as usual
+    other = FULL_INVITE.replace(b"branch=z9hG4bK-1", b"branch=z9hG4bK-2")
+    assert svc._admit(other, 0.1, ("127.0.0.1", 5062))  # a fresh INVITE: handled as usual
+    assert not svc._admit(FULL_INVITE, 0.1, ("127.0.0.1", 5062))  # the refused one's copy
+    assert len(sent) == 2 and sent[1].startswith(b"SIP/2.0 503 ")
 
 
 def test_a_stale_retransmission_of_an_admitted_invite_is_passed_on_not_refused() -> None:
@@ -196,6 +199,16 @@ async def test_the_service_passes_a_stale_retransmission_to_its_transaction(
     sent.clear()
     assert svc._admit(FULL_INVITE, 2.0, ("127.0.0.1", 5062))  # late copy: no 503
     assert sent == [] and svc.stale.refused == 0
+
+
+def test_a_fresh_copy_of_a_refused_invite_is_refused_again() -> None:
+    """Its caller has (or will have) our 503: a call set up now would never be ACKed."""
+    f = StaleFilter(0.5)
+    assert f.judge(FULL_INVITE, 0.9) is Verdict.REFUSE
+    assert f.judge(FULL_INVITE, 0.1) is Verdict.REFUSE
+    other = FULL_INVITE.replace(b"branch=z9hG4bK-1", b"branch=z9hG4bK-2")
+    assert f.judge(other, 0.1) is Verdict.ADMIT
+    assert f.refused == 2
 
 
 def test_the_ack_for_our_503_is_dropped_unread() -> None:
