@@ -272,10 +272,10 @@ class Service:
         algorithms = tuple(Algorithm(a) for a in cfg.auth.algorithms)
         if auth is None or auth.realm != cfg.realm or auth.algorithms != algorithms:
             auth = DigestAuthenticator(cfg.realm, algorithms, cfg.auth.nonce_ttl)
-        auth.nonce_ttl = cfg.auth.nonce_ttl
+        auth.nonce_ttl = float(cfg.auth.nonce_ttl)
         self.throttle.max_failures = cfg.auth.max_failures
-        self.throttle.window = cfg.auth.failure_window
-        self.throttle.block_time = cfg.auth.block_time
+        self.throttle.window = float(cfg.auth.failure_window)
+        self.throttle.block_time = float(cfg.auth.block_time)
         r = cfg.registrar
         policy = RegistrarPolicy(r.min_expires, r.max_expires, r.default_expires)
         return Registrar(directory, auth, policy, self.bindings)

@@ -89,7 +89,7 @@ class SqliteStore:
         self.path = path
         self.max_batch = max_batch
         self._queue: queue.SimpleQueue[_Job | _BindingWrite | object] = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
+        self._writer: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.commits = 0  # for benchmarks: writes per commit = jobs / commits
         self.jobs = 0
@@ -98,18 +98,18 @@ class SqliteStore:
         self._loop = asyncio.get_running_loop()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         ready: asyncio.Future[None] = self._loop.create_future()
-        self._thread = threading.Thread(
+        self._writer = threading.Thread(
             target=self._run, args=(ready,), name="sqlite-writer", daemon=True
         )
-        self._thread.start()
+        self._writer.start()
         await ready
 
     async def close(self) -> None:
-        if self._thread is None:
+        if self._writer is None:
             return
         self._queue.put(_STOP)
-        await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
-        self._thread = None
+        await asyncio.get_running_loop().run_in_executor(None, self._writer.join)
+        self._writer = None
 
     # --- the writer thread ----------------------------------------------------------------
     def _connect(self) -> sqlite3.Connection:
@@ -205,7 +205,7 @@ class SqliteStore:
         return done, value, None
 
     def _check_open(self) -> asyncio.AbstractEventLoop:
-        if self._thread is None or self._loop is None:
+        if self._writer is None or self._loop is None:
             raise StoreError("store is not open")
         return self._loop
 
