@@ -16,6 +16,10 @@
 FROM python:3.11-slim-bookworm AS build
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1 PYTHONDONTWRITEBYTECODE=1
 RUN python -m venv /opt/softswitch
+# gcc for the mypyc-compiled hot modules (setup.py, D17); the build stage only, the runtime
+# image has no compiler
+RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev \
+ && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 # The whole context is copied here (add a .dockerignore for .venv/, var/, .git/ to keep it
 # small); only the installed venv reaches the final image.

@@ -12,8 +12,12 @@
 #   2. creates .venv with `python3 -m venv` if it is absent or broken (as root on Debian it
 #      installs python3-venv first when `python3 -m venv` cannot work);
 #   3. `.venv/bin/pip install -e '.[test,media]'`, skipped when .venv/.setup-stamp matches
-#      the sha256 of pyproject.toml and the interpreter version (delete the stamp to force).
-# Env: PYTHON (default python3) picks the interpreter for a new venv (needs >= 3.11).
+#      the sha256 of pyproject.toml, setup.py and the interpreter version (delete the stamp to
+#      force);
+#   4. compiles the hot modules with mypyc in place when they are missing or older than their
+#      source (docs/decisions.md D17).
+# Env: PYTHON (default python3) picks the interpreter for a new venv (needs >= 3.11);
+#      SOFTSWITCH_PURE=1 skips step 4 and removes the compiled modules (pure Python).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -23,7 +27,7 @@ PEERS=0
 for arg in "$@"; do
   case $arg in
     --peers) PEERS=1 ;;
-    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
     *) echo "setup.sh: unknown argument: $arg" >&2; exit 2 ;;
   esac
 done
@@ -107,13 +111,30 @@ if ! venv_ok; then
 fi
 
 # 3. the project, editable, with test and media extras ------------------------------------------
-want=$( { sha256sum pyproject.toml; "$VENV/bin/python" --version 2>&1; } | sha256sum | cut -d' ' -f1)
+want=$( { sha256sum pyproject.toml setup.py; "$VENV/bin/python" --version 2>&1; } \
+        | sha256sum | cut -d' ' -f1)
 # (installed = package metadata present; `import softswitch` would also find ./softswitch)
-if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ] && "$VENV/bin/python" -c \
-     'import importlib.metadata as m; m.version("softswitch")' >/dev/null 2>&1; then
-  exit 0
+if ! { [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ] && "$VENV/bin/python" -c \
+     'import importlib.metadata as m; m.version("softswitch")' >/dev/null 2>&1; }; then
+  log "installing the project into $VENV (pip install -e '.[test,media]')"
+  # pure here: step 4 compiles in place, where edits are seen (pip's copy would not be)
+  SOFTSWITCH_PURE=1 "$VENV/bin/python" -m pip install -q --disable-pip-version-check \
+    -e '.[test,media]'
+  echo "$want" > "$STAMP"
+  log "ready: $VENV"
 fi
-log "installing the project into $VENV (pip install -e '.[test,media]')"
-"$VENV/bin/python" -m pip install -q --disable-pip-version-check -e '.[test,media]'
-echo "$want" > "$STAMP"
-log "ready: $VENV"
+
+# 4. the compiled build of the hot modules (mypyc, D17), in place -------------------------------
+# Rebuilt when a compiled module's source is newer than its extension (about a minute on two
+# cores). SOFTSWITCH_PURE=1 removes the extensions instead: pure Python, for quick edit loops.
+if [ -n "${SOFTSWITCH_PURE:-}" ]; then
+  find softswitch media -name '*.so' -delete
+  rm -f -- ./*__mypyc.*.so
+  log "SOFTSWITCH_PURE set: running pure Python"
+elif ! "$VENV/bin/python" -m softswitch.native --check 2>/dev/null; then
+  log "compiling the hot modules with mypyc (setup.py build_ext --inplace)"
+  if ! "$VENV/bin/python" setup.py -q build_ext --inplace -j 2 >"$VENV/native-build.log" 2>&1 \
+     || ! "$VENV/bin/python" -m softswitch.native --check; then
+    log "WARNING: the native build failed (see $VENV/native-build.log): running pure Python"
+  fi
+fi

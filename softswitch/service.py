@@ -20,6 +20,7 @@ import structlog
 from dialplan import Config, ConfigError, load_config
 from media.relay import MediaManager
 
+from . import native
 from .call_control import CallControl
 from .call_model import Call, ForkTarget
 from .call_setup import CallSetup
@@ -173,6 +174,7 @@ class Service:
             http=str(self.cfg.http),
             bindings=len(self.bindings),
             data_dir=str(self.cfg.data_dir),
+            native=f"{len(native.compiled_modules())}/{len(native.module_names())}",
         )
 
     async def stop(self) -> None:
