@@ -241,11 +241,18 @@ class BaresipCtl:
         msg = json.dumps({"command": command, "params": params, "token": token}).encode()
         self.sock.sendall(str(len(msg)).encode() + b":" + msg + b",")
         deadline = time.monotonic() + timeout
+        seen: list[dict[str, Any]] = []
         while time.monotonic() < deadline:
             for obj in self._read(deadline - time.monotonic()):
                 if obj.get("response") and obj.get("token") == token:
                     return obj
-        raise TimeoutError(f"baresip: no reply to {line!r} within {timeout}s")
+                seen.append(obj)
+        # what came instead tells a silent baresip from a lost or misframed reply
+        ends = f"{self.sock.getsockname()} -> {self.sock.getpeername()}"
+        raise TimeoutError(
+            f"baresip: no reply to {line!r} within {timeout}s on {ends}; "
+            f"received meanwhile: {seen[:5]!r}; unframed: {self.buf[:200]!r}"
+        )
 
 
 class Baresip:
