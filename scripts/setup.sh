@@ -8,7 +8,7 @@
 #
 # What it does, from the repository root:
 #   1. (--peers, root, missing) apt-get install --no-install-recommends sip-tester baresip-core
-#      linphone-cli iproute2
+#      linphone-cli iproute2, and gcc python3-dev for the compiled build
 #   2. creates .venv with `python3 -m venv` if it is absent or broken (as root on Debian it
 #      installs python3-venv first when `python3 -m venv` cannot work);
 #   3. `.venv/bin/pip install -e '.[test,media]'`, skipped when .venv/.setup-stamp matches
@@ -62,6 +62,7 @@ if [ "$PEERS" -eq 1 ]; then
   command -v baresip >/dev/null 2>&1 || missing+=(baresip-core)
   command -v linphone-daemon >/dev/null 2>&1 || missing+=(linphone-cli)
   command -v ip >/dev/null 2>&1 || missing+=(iproute2)
+  command -v gcc >/dev/null 2>&1 || missing+=(gcc libc6-dev python3-dev)  # the native build
   if [ ${#missing[@]} -gt 0 ]; then
     if [ "$IS_ROOT" -eq 1 ] && command -v apt-get >/dev/null 2>&1; then
       log "installing ${missing[*]}"
