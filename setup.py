@@ -40,6 +40,13 @@ class OptionalBuildExt(build_ext):
             super().build_extension(ext)
         except Exception as exc:
             self.warn(f"softswitch: could not compile {ext.name}, it stays Python: {exc}")
+            return
+        # mypycify has just generated every C file from the current source, so a built (or
+        # skipped as up to date) extension is current. setuptools skips a module's small shim
+        # when its C did not change, though (the code is in the group's library), and the
+        # copy in place keeps the old time: the stale check (softswitch.native) would then
+        # refuse an edited module forever. Date the output now; a failed one keeps its age.
+        os.utime(self.get_ext_fullpath(ext.name))
 
 
 def native_extensions() -> list[Any]:

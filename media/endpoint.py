@@ -49,7 +49,7 @@ import socket
 import sys
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from media.errors import EndpointClosed
 from media.poller import Poller
@@ -69,14 +69,14 @@ PacketHandler = Callable[[bytes], None]
 RTP_RELATCH_AFTER = 2.0
 RTCP_RELATCH_AFTER = 12.0
 
-DRAIN = 8
+DRAIN: Final = 8
 """Packets a peer socket reads per readiness event when the relay is behind (media/poller.py)."""
 
-RECV_SIZE = 65536
+RECV_SIZE: Final = 65536
 """Read buffer per packet: the largest UDP payload, so that no packet is ever cut short (the
 bytes object is shrunk to the packet's size, so this costs no memory per packet)."""
 
-PEER_SOCKETS = sys.platform == "linux" and hasattr(socket, "SO_REUSEPORT")
+PEER_SOCKETS: Final = sys.platform == "linux" and hasattr(socket, "SO_REUSEPORT")
 """Connected peer sockets need Linux's SO_REUSEPORT lookup (a connected socket wins over the
 unconnected one for its own source); elsewhere the listener reads everything."""
 

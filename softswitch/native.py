@@ -5,8 +5,10 @@ runs the compiled build (an operator comparing two machines' CPU needs to know) 
 can insist on it under CI, where the compiled build is the one that ships (D17).
 
 Chosen: the sans-I/O message path that every SIP message crosses (parser, transactions, digest,
-registrar, dispatch) and the call set-up around it. Left as Python: the asyncio edges
-(transports, store thread, HTTP, logging, CLI), whose cost is in system calls, and the B2BUA
+registrar, dispatch), the call set-up around it, and the RTP relay's packet path (endpoint
+sockets, bridge forwarders, the epoll dispatch: D14). Left as Python: the asyncio edges
+(transports, store thread, HTTP, logging, CLI), whose cost is in system calls; the media
+manager (media/relay.py: control path only, and its tests replace `_bind`); and the B2BUA
 modules whose class body gathers methods from sibling modules, which mypyc cannot compile as
 methods. Tests may subclass or patch only what is left as Python.
 """
@@ -49,11 +51,18 @@ _CORE = [
     "media/ptmap.py",
     "media/sdp.py",
 ]
+# The RTP packet path: recv -> on_packet -> the other leg's send, 100,000 times a second.
+_MEDIA = [
+    "media/bridge.py",
+    "media/endpoint.py",
+    "media/poller.py",
+]
 
 # (shared library name, source paths relative to the project root); one gcc job per group.
 NATIVE_GROUPS: list[tuple[str, list[str]]] = [
     ("softswitch_sip", [f"softswitch/sip/{name}.py" for name in _SIP]),
     ("softswitch_core", _CORE),
+    ("softswitch_media", _MEDIA),
 ]
 
 
