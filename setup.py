@@ -13,6 +13,7 @@ both cores (one group is one C file of ~250,000 lines: the compile, not mypyc, i
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -60,7 +61,19 @@ def native_extensions() -> list[Any]:
     os.chdir(ROOT)  # mypycify takes paths relative to the project
     groups = [(list(paths), name) for name, paths in NATIVE_GROUPS]
     paths = [p for _, group in NATIVE_GROUPS for p in group]
-    return list(mypycify(paths, opt_level="3", separate=groups))
+    try:
+        return list(mypycify(paths, opt_level="3", separate=groups))
+    except Exception as exc:
+        # mypy's incremental cache has crashed mypyc's code generator after edits (a
+        # ValueError in _emit_attr_bitmap_update); a cold cache has always worked, so
+        # retry once from scratch before giving up on the native build.
+        print(f"softswitch: mypyc failed ({exc!r}), retrying without its cache", file=sys.stderr)
+        shutil.rmtree(ROOT / ".mypy_cache", ignore_errors=True)
+    try:
+        return list(mypycify(paths, opt_level="3", separate=groups))
+    except Exception as exc:
+        print(f"softswitch: mypyc failed again ({exc!r}), installing pure Python", file=sys.stderr)
+        return []
 
 
 setup(ext_modules=native_extensions(), cmdclass={"build_ext": OptionalBuildExt})
