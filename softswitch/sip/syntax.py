@@ -21,7 +21,9 @@ TOKEN_CHARS = frozenset(_TOKEN)
 TOKEN_RE = r"[A-Za-z0-9\-.!%*_+`'~]"
 WS = " \t"
 #: A quoted-string: quoted-pairs (backslash and any character) or anything but `"` and `\`.
-QUOTED_RE = r'"(?:[^"\\]|\\.)*"'
+#: Written "unrolled" (runs of plain characters between quoted-pairs): the same language as
+#: `"(?:[^"\\]|\\.)*"`, without one alternation per character.
+QUOTED_RE = r'"[^"\\]*(?:\\.[^"\\]*)*"'
 
 # One parameter, the `;` before it already consumed: name, optional value, then `;` or the end.
 # Values are a token, a host (`[::1]`, `a.b:5060` in received/maddr) or a quoted-string; LWS

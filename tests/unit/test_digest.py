@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import random
+import re
+
 import pytest
 
 from softswitch.sip.digest import (
@@ -9,12 +12,14 @@ from softswitch.sip.digest import (
     DigestAuthenticator,
     DigestResponse,
     Verdict,
+    _auth_params,
     authorization_header_value,
     compute_response,
     credentials_for,
     parse_authorization,
 )
 from softswitch.sip.errors import ParseError
+from softswitch.sip.syntax import unquote
 
 REALM = "example.test"
 NOW = 1_700_000_000.0
@@ -168,3 +173,53 @@ def test_nonce_tracking_is_bounded(alice) -> None:
     for i in range(50):
         assert auth.verify(answer(auth, NOW + i), "REGISTER", alice, NOW + i) is Verdict.OK
     assert len(auth._nc_seen) == 10
+
+
+# The grammar the hand-written scanner must accept, as the regular expression it replaced:
+# a reference, so a fuzzed comparison pins every edge (escapes, commas, tabs, trailing comma).
+_REF_TOKEN = r"[A-Za-z0-9_.!%*+`'~-]+"
+_REF_VALUE = r'"(?:[^"\\]|\\.)*"|[^ \t,"]+'
+_REF_ONE = rf"[ \t]*{_REF_TOKEN}[ \t]*=[ \t]*(?:{_REF_VALUE})[ \t]*"
+_REF_LIST = re.compile(rf"{_REF_ONE}(?:,{_REF_ONE})*,?[ \t]*")
+_REF_PARAM = re.compile(rf"({_REF_TOKEN})[ \t]*=[ \t]*({_REF_VALUE})")
+
+
+def _reference_params(rest: str) -> dict[str, str] | None:
+    if not _REF_LIST.fullmatch(rest):
+        return None
+    return {
+        name.lower(): unquote(raw) if raw.startswith('"') else raw
+        for name, raw in _REF_PARAM.findall(rest)
+    }
+
+
+@pytest.mark.parametrize(
+    "rest",
+    [
+        'username="a\\"b", realm="r"',
+        'username="a\\\\", realm="r"',
+        'username="a\\',
+        "a=b,",
+        "a=b, ",
+        "a=b,,c=d",
+        'a = b ,\tc="x,y"\t',
+        "a=b c=d",
+        'a=b"c',
+        "a=",
+        "=b",
+        "",
+        " ",
+        'a=""',
+        "a=b,A=c",
+    ],
+)
+def test_auth_params_match_the_reference_grammar(rest: str) -> None:
+    assert _auth_params(rest) == _reference_params(rest)
+
+
+def test_auth_params_match_the_reference_grammar_fuzzed() -> None:
+    rng = random.Random(4475)
+    alphabet = ["a", "b", "Z", "9", "=", ",", " ", "\t", '"', "\\", "-", ";", "é"]
+    for _ in range(20_000):
+        rest = "".join(rng.choice(alphabet) for _ in range(rng.randrange(0, 14)))
+        assert _auth_params(rest) == _reference_params(rest), rest
