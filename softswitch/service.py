@@ -20,7 +20,7 @@ import structlog
 from dialplan import Config, ConfigError, load_config
 from media.relay import MediaManager
 
-from . import native
+from . import logs, native
 from .call_control import CallControl
 from .call_model import Call, ForkTarget
 from .call_setup import CallSetup
@@ -633,15 +633,8 @@ class Service:
         detail: str | None,
     ) -> None:
         """The one log event per SIP transaction outcome."""
-        log.info(
-            event,
-            method=req.method,
-            status=resp.status,
-            call_id=req.call_id,
-            user=user,
-            peer=f"{source.transport}:{source.host}:{source.port}",
-            **({"detail": detail} if detail else {}),
-        )
+        peer = f"{source.transport}:{source.host}:{source.port}"
+        logs.outcome(event, req.method, resp.status, req.call_id, user, peer, detail)
 
     def _pump_datagrams(self) -> None:
         for data, dest in self.layer.datagrams_to_send():

@@ -5,7 +5,12 @@ from __future__ import annotations
 import io
 import json
 import os
+import sys
+from collections.abc import Callable
 
+import structlog
+
+from softswitch import logs
 from softswitch.logs import LineWriter, _render, _stamp
 
 
@@ -40,3 +45,52 @@ def test_a_stream_without_a_descriptor_is_written_and_flushed() -> None:
     writer = LineWriter(stream)
     writer.msg('{"event":"x"}')
     assert stream.getvalue() == '{"event":"x"}\n'
+
+
+def _configured_lines(level: str, emit: Callable[[], None]) -> list[dict[str, object]]:
+    """Configure the JSON chain on a pipe, run `emit`, return the JSON lines written."""
+    r, w = os.pipe()
+    saved = sys.stderr
+    try:
+        sys.stderr = os.fdopen(w, "w", closefd=False)
+        logs.configure(level, "json")
+        emit()
+        os.close(w)
+        w = -1
+        data = b""
+        while chunk := os.read(r, 65536):
+            data += chunk
+    finally:
+        sys.stderr = saved
+        structlog.reset_defaults()
+        logs._Direct.writer = None
+        if w >= 0:
+            os.close(w)
+        os.close(r)
+    return [json.loads(line) for line in data.decode().splitlines()]
+
+
+def test_the_outcome_event_written_directly_matches_the_structlog_chain() -> None:
+    odd = 'c"1\\é\x01'  # a Call-ID may hold quotes and backslashes; escaping must agree
+    fields = {"method": "REGISTER", "status": 401, "call_id": odd, "user": None, "peer": "p"}
+
+    def emit() -> None:
+        logs.outcome("register_challenged", "REGISTER", 401, odd, None, "p")
+        structlog.get_logger("softswitch").info("register_challenged", **fields)
+        logs.outcome("register_refused", "REGISTER", 403, "c1", "1002", "p", "not a delegate")
+
+    direct, chained, detailed = _configured_lines("info", emit)
+    assert direct.keys() == chained.keys()
+    assert {k: v for k, v in direct.items() if k != "ts"} == {
+        k: v for k, v in chained.items() if k != "ts"
+    }
+    assert direct["call_id"] == odd
+    assert detailed["detail"] == "not a delegate" and detailed["user"] == "1002"
+
+
+def test_the_outcome_event_honours_the_configured_level() -> None:
+    def emit() -> None:
+        logs.outcome("register_ok", "REGISTER", 200, "c1", "1001", "p")
+        structlog.get_logger("softswitch").warning("still_written")
+
+    assert [line["event"] for line in _configured_lines("warning", emit)] == ["still_written"]
