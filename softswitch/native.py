@@ -45,6 +45,7 @@ _CORE = [
     "softswitch/sca.py",
     "softswitch/service.py",
     "softswitch/stateless.py",
+    "softswitch/store/records.py",
     "softswitch/subscriptions.py",
     "softswitch/throttle.py",
     "media/negotiation.py",

@@ -9,30 +9,11 @@ after a kill -9.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, Protocol
 
+from .records import BindingKey, BindingRecord
 
-@dataclass(slots=True)
-class BindingRecord:
-    """One contact bound to an address-of-record (RFC 3261 §10.3), as stored."""
-
-    aor: str
-    contact: str  # the Contact header value as received (URI in <>, header params)
-    uri: str  # the contact URI alone: the binding's identity within the AoR
-    expires_at: float  # wall-clock seconds since the epoch
-    call_id: str
-    cseq: int
-    source: str  # "udp:127.0.0.1:5090": where the REGISTER came from (NAT-safe routing)
-    auth_user: str  # who authenticated (a delegate may register a delegator's line)
-    user_agent: str = ""
-    q: float | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class BindingKey:
-    aor: str
-    uri: str
+__all__ = ["BindingKey", "BindingRecord", "Store"]
 
 
 class Store(Protocol):
