@@ -66,12 +66,17 @@ class Direction(StrEnum):
 _DIRECTIONS = {d.value: d for d in Direction}
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, init=False)
 class Connection:
     """A `c=` line (or the address part of `a=rtcp:`): `IN IP4|IP6 address[/ttl...]`."""
 
     addrtype: str
     address: str
+
+    def __init__(self, addrtype: str, address: str) -> None:
+        # Written out so that mypyc compiles it (docs/decisions.md, D18).
+        object.__setattr__(self, "addrtype", addrtype)
+        object.__setattr__(self, "address", address)
 
     @property
     def unspecified(self) -> bool:
@@ -79,7 +84,7 @@ class Connection:
         return self.address in _UNSPECIFIED
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, init=False)
 class Origin:
     """The `o=` line of a parsed description, kept as text (session ids can exceed 64 bits)."""
 
@@ -89,8 +94,18 @@ class Origin:
     addrtype: str
     address: str
 
+    def __init__(
+        self, username: str, session_id: str, version: str, addrtype: str, address: str
+    ) -> None:
+        # Written out so that mypyc compiles it (docs/decisions.md, D18).
+        object.__setattr__(self, "username", username)
+        object.__setattr__(self, "session_id", session_id)
+        object.__setattr__(self, "version", version)
+        object.__setattr__(self, "addrtype", addrtype)
+        object.__setattr__(self, "address", address)
 
-@dataclass(slots=True)
+
+@dataclass(slots=True, init=False)
 class MediaSection:
     """One `m=` section: the parsed fields a relay needs plus every line of it, verbatim."""
 
@@ -104,13 +119,36 @@ class MediaSection:
     rtcp_connection: Connection | None
     lines: list[str]
 
+    def __init__(
+        self,
+        media: str,
+        port: int,
+        proto: str,
+        formats: list[str],
+        connection: Connection | None,
+        direction: Direction | None,
+        rtcp_port: int | None,
+        rtcp_connection: Connection | None,
+        lines: list[str],
+    ) -> None:
+        # Written out so that mypyc compiles it (docs/decisions.md, D18).
+        self.media = media
+        self.port = port
+        self.proto = proto
+        self.formats = formats
+        self.connection = connection
+        self.direction = direction
+        self.rtcp_port = rtcp_port
+        self.rtcp_connection = rtcp_connection
+        self.lines = lines
+
     @property
     def rejected(self) -> bool:
         """Port 0: the stream is disabled (in an offer) or refused (in an answer)."""
         return self.port == 0
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, init=False)
 class SessionDescription:
     """A parsed SDP body. `lines` are the session-level lines, verbatim, `v=` first."""
 
@@ -119,6 +157,21 @@ class SessionDescription:
     direction: Direction | None
     media: list[MediaSection]
     lines: list[str]
+
+    def __init__(
+        self,
+        origin: Origin,
+        connection: Connection | None,
+        direction: Direction | None,
+        media: list[MediaSection],
+        lines: list[str],
+    ) -> None:
+        # Written out so that mypyc compiles it (docs/decisions.md, D18).
+        self.origin = origin
+        self.connection = connection
+        self.direction = direction
+        self.media = media
+        self.lines = lines
 
     def connection_for(self, index: int) -> Connection | None:
         """The connection of m-line `index`: its own `c=` overrides the session's."""

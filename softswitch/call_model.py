@@ -109,7 +109,7 @@ class Leg:
     name: str | None = None
 
 
-@dataclass(eq=False, slots=True)
+@dataclass(eq=False, slots=True, init=False)
 class Pending:
     """An in-dialog request relayed from one leg, waiting for the other leg's final answer."""
 
@@ -118,8 +118,19 @@ class Pending:
     #: (old leg, new leg) when the request re-targets the call to another phone (retrieve)
     takeover: tuple[Leg, Leg] | None = None
 
+    def __init__(
+        self,
+        server: ServerTransaction | None,
+        from_leg: Leg,
+        takeover: tuple[Leg, Leg] | None = None,
+    ) -> None:
+        # Written out so that mypyc compiles it (docs/decisions.md, D18).
+        self.server = server
+        self.from_leg = from_leg
+        self.takeover = takeover
 
-@dataclass(eq=False, slots=True)
+
+@dataclass(eq=False, slots=True, init=False)
 class Transfer:
     """A blind transfer in progress: `far` rings a new target on behalf of `transferor`."""
 
@@ -127,8 +138,14 @@ class Transfer:
     old: Call  # the call the transferor and the far end were on
     old_media: tuple[Any, Any, Any]  # old call's (a_media, b_media, bridge), restored on failure
 
+    def __init__(self, transferor: Leg, old: Call, old_media: tuple[Any, Any, Any]) -> None:
+        # Written out so that mypyc compiles it (docs/decisions.md, D18).
+        self.transferor = transferor
+        self.old = old
+        self.old_media = old_media
 
-@dataclass(eq=False, slots=True)
+
+@dataclass(eq=False, slots=True, init=False)
 class AwaitedAck:
     """A 2xx that carried an offer (late offer, RFC 3264 via RFC 3261 §13.2.1): the offerer's
     phone gets its ACK only once the answerer's ACK brings the answer, since that ACK must
@@ -141,8 +158,25 @@ class AwaitedAck:
     server: ServerTransaction  # the answerer's INVITE, whose 2xx we retransmit
     ack: Request | None = None  # our ACK to the offerer, once sent
 
+    def __init__(
+        self,
+        offerer: Leg,
+        answerer: Leg,
+        cseq: int,
+        answer_cseq: int,
+        server: ServerTransaction,
+        ack: Request | None = None,
+    ) -> None:
+        # Written out so that mypyc compiles it (docs/decisions.md, D18).
+        self.offerer = offerer
+        self.answerer = answerer
+        self.cseq = cseq
+        self.answer_cseq = answer_cseq
+        self.server = server
+        self.ack = ack
 
-@dataclass(frozen=True, slots=True)
+
+@dataclass(frozen=True, slots=True, init=False)
 class LineRef:
     """A line this call is on, seen from that line: its direction and the remote end.
 
@@ -154,6 +188,21 @@ class LineRef:
     party: str | None
     remote: str
     remote_name: str | None = None
+
+    def __init__(
+        self,
+        line: str,
+        direction: Direction,
+        party: str | None,
+        remote: str,
+        remote_name: str | None = None,
+    ) -> None:
+        # Written out so that mypyc compiles it (docs/decisions.md, D18).
+        object.__setattr__(self, "line", line)
+        object.__setattr__(self, "direction", direction)
+        object.__setattr__(self, "party", party)
+        object.__setattr__(self, "remote", remote)
+        object.__setattr__(self, "remote_name", remote_name)
 
 
 @dataclass(eq=False)
@@ -192,7 +241,7 @@ class Call:
 Entry = tuple[str, str, str]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, init=False)
 class ForkTemplate:
     """The header entries all forks of a call share, built once per call: a fork to 16 phones
     then costs 16 list concatenations instead of 16 x 13 `Headers.add` calls."""
@@ -202,8 +251,21 @@ class ForkTemplate:
     common: tuple[Entry, ...]  # P-Asserted-Identity, the call's extra headers
     tail: tuple[Entry, ...]  # Allow, Content-Type
 
+    def __init__(
+        self,
+        head: tuple[Entry, ...],
+        middle: tuple[Entry, ...],
+        common: tuple[Entry, ...],
+        tail: tuple[Entry, ...],
+    ) -> None:
+        # Written out so that mypyc compiles it (docs/decisions.md, D18).
+        object.__setattr__(self, "head", head)
+        object.__setattr__(self, "middle", middle)
+        object.__setattr__(self, "common", common)
+        object.__setattr__(self, "tail", tail)
 
-@dataclass(frozen=True, slots=True)
+
+@dataclass(frozen=True, slots=True, init=False)
 class ForkTarget:
     """One contact to ring."""
 
@@ -213,6 +275,23 @@ class ForkTarget:
     delay: float = 0.0
     headers: tuple[tuple[str, str], ...] = ()  # per-target extras (History-Info, To display)
     to: str = ""  # To header value for this fork
+
+    def __init__(
+        self,
+        party: str,
+        uri: str,
+        dest: Address,
+        delay: float = 0.0,
+        headers: tuple[tuple[str, str], ...] = (),
+        to: str = "",
+    ) -> None:
+        # Written out so that mypyc compiles it (docs/decisions.md, D18).
+        object.__setattr__(self, "party", party)
+        object.__setattr__(self, "uri", uri)
+        object.__setattr__(self, "dest", dest)
+        object.__setattr__(self, "delay", delay)
+        object.__setattr__(self, "headers", headers)
+        object.__setattr__(self, "to", to)
 
 
 def sdp_or_none(body: bytes) -> SessionDescription | None:

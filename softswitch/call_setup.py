@@ -31,7 +31,7 @@ from .sip.syntax import quote
 from .sip.transaction import Address
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, init=False)
 class Refuse:
     status: int
     reason: str
@@ -40,8 +40,25 @@ class Refuse:
     auth_failed: bool = False
     user: str | None = None
 
+    def __init__(
+        self,
+        status: int,
+        reason: str,
+        event: str,
+        challenge: list[str] | None = None,
+        auth_failed: bool = False,
+        user: str | None = None,
+    ) -> None:
+        # Written out so that mypyc compiles it (docs/decisions.md, D18).
+        object.__setattr__(self, "status", status)
+        object.__setattr__(self, "reason", reason)
+        object.__setattr__(self, "event", event)
+        object.__setattr__(self, "challenge", challenge)
+        object.__setattr__(self, "auth_failed", auth_failed)
+        object.__setattr__(self, "user", user)
 
-@dataclass(frozen=True, slots=True)
+
+@dataclass(frozen=True, slots=True, init=False)
 class Admit:
     user: str | None  # the authenticated caller (None: a trusted source)
     identity: str  # the extension the call is presented as
@@ -51,12 +68,37 @@ class Admit:
     targets: list[ForkTarget]
     ring_time: int
 
+    def __init__(
+        self,
+        user: str | None,
+        identity: str,
+        caller_from: str,
+        caller_pai: str | None,
+        lines: list[LineRef],
+        targets: list[ForkTarget],
+        ring_time: int,
+    ) -> None:
+        # Written out so that mypyc compiles it (docs/decisions.md, D18).
+        object.__setattr__(self, "user", user)
+        object.__setattr__(self, "identity", identity)
+        object.__setattr__(self, "caller_from", caller_from)
+        object.__setattr__(self, "caller_pai", caller_pai)
+        object.__setattr__(self, "lines", lines)
+        object.__setattr__(self, "targets", targets)
+        object.__setattr__(self, "ring_time", ring_time)
 
-@dataclass(frozen=True, slots=True)
+
+@dataclass(frozen=True, slots=True, init=False)
 class Feature:
     user: str
     feature: str
     argument: str
+
+    def __init__(self, user: str, feature: str, argument: str) -> None:
+        # Written out so that mypyc compiles it (docs/decisions.md, D18).
+        object.__setattr__(self, "user", user)
+        object.__setattr__(self, "feature", feature)
+        object.__setattr__(self, "argument", argument)
 
 
 Decision = Refuse | Admit | Feature

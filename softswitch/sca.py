@@ -107,7 +107,7 @@ _STATES = {
 _UNSAFE_NAME = re.compile(r'["\\,;\x00-\x1f\x7f]')
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, init=False)
 class Retrieve:
     """An INVITE that takes over the call on an appearance: the held (or ringing) call there.
 
@@ -119,8 +119,14 @@ class Retrieve:
     index: int
     call_id: str
 
+    def __init__(self, line: str, index: int, call_id: str) -> None:
+        # Written out so that mypyc compiles it (docs/decisions.md, D18).
+        object.__setattr__(self, "line", line)
+        object.__setattr__(self, "index", index)
+        object.__setattr__(self, "call_id", call_id)
 
-@dataclass(frozen=True, slots=True)
+
+@dataclass(frozen=True, slots=True, init=False)
 class Reject:
     """An INVITE at an appearance that cannot be taken over: answer `status` (once the phone
     authenticated and turned out to be a member of `line`)."""
@@ -128,6 +134,12 @@ class Reject:
     line: str
     status: int
     reason: str
+
+    def __init__(self, line: str, status: int, reason: str) -> None:
+        # Written out so that mypyc compiles it (docs/decisions.md, D18).
+        object.__setattr__(self, "line", line)
+        object.__setattr__(self, "status", status)
+        object.__setattr__(self, "reason", reason)
 
 
 class ScaStats(NamedTuple):

@@ -238,7 +238,7 @@ def _out_name(name: str) -> str:
 # Typed values
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, init=False)
 class Via:
     """One Via value: `SIP/2.0/UDP host[:port];params`."""
 
@@ -246,6 +246,19 @@ class Via:
     host: str
     port: int | None = None
     params: tuple[tuple[str, str | None], ...] = ()
+
+    def __init__(
+        self,
+        transport: str,
+        host: str,
+        port: int | None = None,
+        params: tuple[tuple[str, str | None], ...] = (),
+    ) -> None:
+        # Written out so that mypyc compiles it (docs/decisions.md, D18).
+        object.__setattr__(self, "transport", transport)
+        object.__setattr__(self, "host", host)
+        object.__setattr__(self, "port", port)
+        object.__setattr__(self, "params", params)
 
     def __str__(self) -> str:
         hp = self.host if self.port is None else f"{self.host}:{self.port}"
@@ -335,10 +348,15 @@ def _check_host(host: str, text: str) -> None:
         raise ParseError(f"invalid host in {text!r}")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, init=False)
 class CSeq:
     seq: int
     method: str
+
+    def __init__(self, seq: int, method: str) -> None:
+        # Written out so that mypyc compiles it (docs/decisions.md, D18).
+        object.__setattr__(self, "seq", seq)
+        object.__setattr__(self, "method", method)
 
     def __str__(self) -> str:
         return f"{self.seq} {self.method}"
@@ -358,7 +376,7 @@ def parse_cseq(text: str) -> CSeq:
     return CSeq(seq, m[2])
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, init=False)
 class NameAddr:
     """From, To, Contact, Route and friends: `[display] <uri>;params` or a bare addr-spec.
 
@@ -368,6 +386,14 @@ class NameAddr:
     uri: Uri
     display: str | None = None
     params: tuple[tuple[str, str | None], ...] = ()
+
+    def __init__(
+        self, uri: Uri, display: str | None = None, params: tuple[tuple[str, str | None], ...] = ()
+    ) -> None:
+        # Written out so that mypyc compiles it (docs/decisions.md, D18).
+        object.__setattr__(self, "uri", uri)
+        object.__setattr__(self, "display", display)
+        object.__setattr__(self, "params", params)
 
     def __str__(self) -> str:
         disp = quote(self.display) + " " if self.display is not None else ""

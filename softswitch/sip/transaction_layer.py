@@ -48,7 +48,7 @@ from .transaction import (
 # --- events ---------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, init=False)
 class RequestReceived:
     """A new request, CANCEL included (see `TransactionLayer.find_invite_for_cancel`)."""
 
@@ -56,50 +56,80 @@ class RequestReceived:
     request: Request
     source: Address
 
+    def __init__(self, txn: ServerTransaction, request: Request, source: Address) -> None:
+        # Written out so that mypyc compiles it (docs/decisions.md, D18).
+        object.__setattr__(self, "txn", txn)
+        object.__setattr__(self, "request", request)
+        object.__setattr__(self, "source", source)
 
-@dataclass(frozen=True, slots=True)
+
+@dataclass(frozen=True, slots=True, init=False)
 class AckReceived:
     """An ACK for a 2xx (or one the transaction layer could not place): the dialog's business."""
 
     request: Request
     source: Address
 
+    def __init__(self, request: Request, source: Address) -> None:
+        # Written out so that mypyc compiles it (docs/decisions.md, D18).
+        object.__setattr__(self, "request", request)
+        object.__setattr__(self, "source", source)
 
-@dataclass(frozen=True, slots=True)
+
+@dataclass(frozen=True, slots=True, init=False)
 class ResponseReceived:
     txn: ClientTransaction
     response: Response
 
+    def __init__(self, txn: ClientTransaction, response: Response) -> None:
+        # Written out so that mypyc compiles it (docs/decisions.md, D18).
+        object.__setattr__(self, "txn", txn)
+        object.__setattr__(self, "response", response)
 
-@dataclass(frozen=True, slots=True)
+
+@dataclass(frozen=True, slots=True, init=False)
 class StrayResponse:
     """A response matching no client transaction (a late 2xx retransmission, or garbage)."""
 
     response: Response
     source: Address
 
+    def __init__(self, response: Response, source: Address) -> None:
+        # Written out so that mypyc compiles it (docs/decisions.md, D18).
+        object.__setattr__(self, "response", response)
+        object.__setattr__(self, "source", source)
 
-@dataclass(frozen=True, slots=True)
+
+@dataclass(frozen=True, slots=True, init=False)
 class TransactionTimeout:
     """Timer B, F or H fired: the peer never answered (or never ACKed our non-2xx)."""
 
     txn: Transaction
     timer: Timer
 
+    def __init__(self, txn: Transaction, timer: Timer) -> None:
+        # Written out so that mypyc compiles it (docs/decisions.md, D18).
+        object.__setattr__(self, "txn", txn)
+        object.__setattr__(self, "timer", timer)
 
-@dataclass(frozen=True, slots=True)
+
+@dataclass(frozen=True, slots=True, init=False)  # the parent's compiled __init__, not a new one
 class AckTimeout(TransactionTimeout):
     """No ACK for a 2xx sent with `retransmit_2xx=True` within 64*T1 (§13.3.1.4: send BYE)."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, init=False)
 class TransportError:
     """The transport failed to deliver for `txn` (see `TransactionLayer.transport_error`)."""
 
     txn: Transaction
 
+    def __init__(self, txn: Transaction) -> None:
+        # Written out so that mypyc compiles it (docs/decisions.md, D18).
+        object.__setattr__(self, "txn", txn)
 
-@dataclass(frozen=True, slots=True)
+
+@dataclass(frozen=True, slots=True, init=False)
 class TransactionTerminated:
     """The layer has forgotten `txn`; the TU may drop its references too.
 
@@ -108,6 +138,10 @@ class TransactionTerminated:
     """
 
     txn: Transaction
+
+    def __init__(self, txn: Transaction) -> None:
+        # Written out so that mypyc compiles it (docs/decisions.md, D18).
+        object.__setattr__(self, "txn", txn)
 
 
 Event: TypeAlias = (

@@ -67,7 +67,7 @@ def _pct(s: str) -> str:
     return _pct_unquote(s, errors="surrogateescape") if "%" in s else s
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, init=False)
 class SipUri:
     """A `sip:` or `sips:` URI. `params` keep their order and original spelling."""
 
@@ -78,6 +78,25 @@ class SipUri:
     params: tuple[tuple[str, str | None], ...] = ()
     headers: str | None = None
     scheme: str = "sip"
+
+    def __init__(
+        self,
+        host: str,
+        user: str | None = None,
+        password: str | None = None,
+        port: int | None = None,
+        params: tuple[tuple[str, str | None], ...] = (),
+        headers: str | None = None,
+        scheme: str = "sip",
+    ) -> None:
+        # Written out so that mypyc compiles it (docs/decisions.md, D18).
+        object.__setattr__(self, "host", host)
+        object.__setattr__(self, "user", user)
+        object.__setattr__(self, "password", password)
+        object.__setattr__(self, "port", port)
+        object.__setattr__(self, "params", params)
+        object.__setattr__(self, "headers", headers)
+        object.__setattr__(self, "scheme", scheme)
 
     def __str__(self) -> str:
         out = [self.scheme, ":"]
@@ -176,13 +195,21 @@ def _canon_headers(headers: str | None) -> list[tuple[str, str]]:
     return sorted(out)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, init=False)
 class TelUri:
     """A `tel:` URI (RFC 3966): a global (`+...`) or local number with parameters."""
 
     number: str
     params: tuple[tuple[str, str | None], ...] = ()
     scheme: str = "tel"
+
+    def __init__(
+        self, number: str, params: tuple[tuple[str, str | None], ...] = (), scheme: str = "tel"
+    ) -> None:
+        # Written out so that mypyc compiles it (docs/decisions.md, D18).
+        object.__setattr__(self, "number", number)
+        object.__setattr__(self, "params", params)
+        object.__setattr__(self, "scheme", scheme)
 
     def __str__(self) -> str:
         return f"tel:{self.number}{format_params(self.params)}"
@@ -213,12 +240,17 @@ def _tel_params(params: tuple[tuple[str, str | None], ...]) -> dict[str, str]:
     return out
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, init=False)
 class AbsoluteUri:
     """Any other scheme (RFC 4475 `unksm2`, `novelsc`): kept verbatim, compared as a string."""
 
     scheme: str
     rest: str
+
+    def __init__(self, scheme: str, rest: str) -> None:
+        # Written out so that mypyc compiles it (docs/decisions.md, D18).
+        object.__setattr__(self, "scheme", scheme)
+        object.__setattr__(self, "rest", rest)
 
     def __str__(self) -> str:
         return f"{self.scheme}:{self.rest}"
