@@ -86,7 +86,7 @@ class LegState(Enum):
     ENDED = "ended"
 
 
-@dataclass(eq=False, slots=True)
+@dataclass(eq=False, slots=True, init=False)
 class Leg:
     """One side of a call: a dialog towards one phone, where to send to, and its media."""
 
@@ -94,19 +94,52 @@ class Leg:
     party: str | None  # the extension this leg reaches (None: an outside/trusted peer)
     dest: Address  # where requests for this leg go (the phone's NAT-safe source address)
     invite: ServerTransaction | ClientTransaction | None
-    dialog: Dialog | None = None
-    state: LegState = LegState.CALLING
-    origin: OriginState = field(default_factory=OriginState)
-    provisional: bool = False  # a 1xx arrived (a CANCEL may be sent)
-    cancel_pending: bool = False
-    cancel_reason: str | None = None
-    local_tag: str = field(default_factory=new_tag)
-    media: Any = None  # the relay endpoint facing this leg's phone
-    keys: list[tuple[str, str]] = field(default_factory=list)  # its entries in B2BUA._dialogs
-    sdp: SessionDescription | None = None  # what this leg's phone last sent
-    sent: SessionDescription | None = None  # what we last sent it (its payload type numbers)
-    identity: str = ""  # who this leg's phone presents (extension or number)
-    name: str | None = None
+    dialog: Dialog | None
+    state: LegState
+    origin: OriginState
+    provisional: bool  # a 1xx arrived (a CANCEL may be sent)
+    cancel_pending: bool
+    cancel_reason: str | None
+    local_tag: str
+    media: Any  # the relay endpoint facing this leg's phone
+    keys: list[tuple[str, str]]  # its entries in B2BUA._dialogs
+    sdp: SessionDescription | None  # what this leg's phone last sent
+    sent: SessionDescription | None  # what we last sent it (its payload type numbers)
+    identity: str  # who this leg's phone presents (extension or number)
+    name: str | None
+
+    def __init__(
+        self,
+        call: Call,
+        party: str | None,
+        dest: Address,
+        invite: ServerTransaction | ClientTransaction | None,
+        dialog: Dialog | None = None,
+        state: LegState = LegState.CALLING,
+        origin: OriginState | None = None,
+        *,
+        local_tag: str | None = None,
+        media: Any = None,
+    ) -> None:
+        # Written out so that mypyc compiles it (docs/decisions.md, D18). The other fields
+        # start empty; nothing passes them.
+        self.call = call
+        self.party = party
+        self.dest = dest
+        self.invite = invite
+        self.dialog = dialog
+        self.state = state
+        self.origin = OriginState() if origin is None else origin
+        self.provisional = False
+        self.cancel_pending = False
+        self.cancel_reason = None
+        self.local_tag = new_tag() if local_tag is None else local_tag
+        self.media = media
+        self.keys = []
+        self.sdp = None
+        self.sent = None
+        self.identity = ""
+        self.name = None
 
 
 @dataclass(eq=False, slots=True, init=False)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from email.utils import formatdate
 from enum import Enum
 
@@ -46,15 +46,34 @@ class AuthResult(Enum):
     OK = "ok"
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, init=False)
 class Outcome:
     response: Response
-    upserts: list[BindingRecord] = field(default_factory=list)
-    deletes: list[BindingKey] = field(default_factory=list)
-    auth: AuthResult = AuthResult.NONE
-    user: str | None = None  # the authenticated user, for logs
-    aor: str | None = None
-    event: str = "register"  # log event name describing the outcome
+    upserts: list[BindingRecord]
+    deletes: list[BindingKey]
+    auth: AuthResult
+    user: str | None  # the authenticated user, for logs
+    aor: str | None
+    event: str  # log event name describing the outcome
+
+    def __init__(
+        self,
+        response: Response,
+        upserts: list[BindingRecord] | None = None,
+        deletes: list[BindingKey] | None = None,
+        auth: AuthResult = AuthResult.NONE,
+        user: str | None = None,
+        aor: str | None = None,
+        event: str = "register",
+    ) -> None:
+        # Written out so that mypyc compiles it (docs/decisions.md, D18).
+        self.response = response
+        self.upserts = [] if upserts is None else upserts
+        self.deletes = [] if deletes is None else deletes
+        self.auth = auth
+        self.user = user
+        self.aor = aor
+        self.event = event
 
 
 class Bindings:
