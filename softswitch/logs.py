@@ -91,6 +91,7 @@ class _Direct:
 
     writer: LineWriter | None = None
     enabled = True  # False when the configured level is above info
+    min_level = logging.INFO  # JsonLogger's threshold
 
 
 _outcome_log = structlog.get_logger("softswitch")
@@ -133,6 +134,81 @@ def outcome(
     )
 
 
+_LEVEL_NUMBERS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+    "critical": logging.CRITICAL,
+}
+
+
+class JsonLogger:
+    """The bound logger of the JSON chain: `_stamp`, `_render` and one write, inline.
+
+    structlog's filtering bound logger reaches the same line through a keyword dict, a
+    context copy and a loop over the processors: about half of each event's instructions
+    (callgrind), and an answered call logs seven events. This class takes structlog's place
+    as `wrapper_class` only for the JSON chain, where the processors are fixed; it honours
+    the configured level, `bind`, `exc_info` and `exception` like the logger it replaces.
+    """
+
+    __slots__ = ("_context", "_logger")
+
+    def __init__(
+        self, logger: LineWriter, processors: Any = None, context: dict[str, Any] | None = None
+    ) -> None:
+        self._logger = logger
+        self._context: dict[str, Any] = dict(context) if context else {}
+
+    def _emit(self, method: str, event: str, args: tuple[Any, ...], kw: dict[str, Any]) -> None:
+        if _LEVEL_NUMBERS[method] < _Direct.min_level:
+            return
+        fields = {**self._context, **kw} if self._context else kw
+        fields["event"] = event % args if args else event
+        self._logger.msg(_render(None, method, _stamp(None, method, fields)))
+
+    def debug(self, event: str, *args: Any, **kw: Any) -> None:
+        self._emit("debug", event, args, kw)
+
+    def info(self, event: str, *args: Any, **kw: Any) -> None:
+        self._emit("info", event, args, kw)
+
+    def warning(self, event: str, *args: Any, **kw: Any) -> None:
+        self._emit("warning", event, args, kw)
+
+    warn = warning
+
+    def error(self, event: str, *args: Any, **kw: Any) -> None:
+        self._emit("error", event, args, kw)
+
+    def critical(self, event: str, *args: Any, **kw: Any) -> None:
+        self._emit("critical", event, args, kw)
+
+    def exception(self, event: str, *args: Any, **kw: Any) -> None:
+        kw.setdefault("exc_info", True)
+        self._emit("error", event, args, kw)
+
+    msg = info
+
+    def bind(self, **values: Any) -> JsonLogger:
+        return JsonLogger(self._logger, None, {**self._context, **values})
+
+    def new(self, **values: Any) -> JsonLogger:
+        return JsonLogger(self._logger, None, values)
+
+    def unbind(self, *keys: str) -> JsonLogger:
+        missing = [k for k in keys if k not in self._context]
+        if missing:
+            raise KeyError(missing[0])
+        return self.try_unbind(*keys)
+
+    def try_unbind(self, *keys: str) -> JsonLogger:
+        return JsonLogger(
+            self._logger, None, {k: v for k, v in self._context.items() if k not in keys}
+        )
+
+
 def configure(level: str = "info", fmt: str = "auto") -> None:
     """Set up structlog once per process; `fmt` is auto (TTY -> console), json or console."""
     use_console = fmt == "console" or (fmt == "auto" and sys.stderr.isatty())
@@ -155,9 +231,10 @@ def configure(level: str = "info", fmt: str = "auto") -> None:
         return
     stream = sys.stderr
     writer = LineWriter(stream)
+    _Direct.min_level = _LEVELS.get(level, logging.INFO)
     structlog.configure(
         processors=[_stamp, _render],
-        wrapper_class=wrapper,
+        wrapper_class=JsonLogger,
         logger_factory=lambda *_: writer,
         cache_logger_on_first_use=True,
     )

@@ -94,3 +94,23 @@ def test_the_outcome_event_honours_the_configured_level() -> None:
         structlog.get_logger("softswitch").warning("still_written")
 
     assert [line["event"] for line in _configured_lines("warning", emit)] == ["still_written"]
+
+
+def test_the_json_logger_honours_level_bind_and_exceptions() -> None:
+    def emit() -> None:
+        log = structlog.get_logger("softswitch.test")
+        log.debug("not_written")
+        log.info("plain", call_id="c1")
+        log.bind(line="1001").warning("bound", party="1002")
+        log.warn("warned")
+        try:
+            raise ValueError("boom")
+        except ValueError:
+            log.exception("failed", user="1001")
+
+    plain, bound, warned, failed = _configured_lines("info", emit)
+    assert plain["event"] == "plain" and plain["level"] == "info" and plain["call_id"] == "c1"
+    assert bound["line"] == "1001" and bound["party"] == "1002" and bound["level"] == "warning"
+    assert warned["level"] == "warning"
+    assert failed["level"] == "error" and "ValueError: boom" in failed["exception"]
+    assert "exc_info" not in failed
