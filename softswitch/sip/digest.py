@@ -23,7 +23,7 @@ from enum import Enum, StrEnum
 
 from .errors import ParseError
 from .randoms import random_bytes
-from .syntax import WS, is_token, unquote
+from .syntax import WS, is_token, quoted_end, unquote
 
 
 class Algorithm(StrEnum):
@@ -143,8 +143,9 @@ def _auth_params(rest: str) -> dict[str, str] | None:
             return None
         i = _skip_ws(rest, eq + 1)
         if rest.startswith('"', i):
-            end = _quoted_end(rest, i)
-            if end < 0:
+            try:
+                end = quoted_end(rest, i)
+            except ParseError:
                 return None
             params[name.lower()] = unquote(rest[i:end])
             i = _skip_ws(rest, end)
@@ -171,28 +172,6 @@ def _skip_ws(s: str, i: int) -> int:
     while i < n and s[i] in _WS_CHARS:
         i += 1
     return i
-
-
-def _quoted_end(s: str, i: int) -> int:
-    """Index just past the quoted-string that opens at `s[i]`, or -1 if it never closes.
-
-    A quoted-pair (backslash and any character) does not close it."""
-    close = s.find('"', i + 1)
-    if close < 0:
-        return -1
-    if s.find("\\", i + 1, close) < 0:  # the usual case: no escapes, one C search
-        return close + 1
-    j = i + 1
-    n = len(s)
-    while j < n:
-        c = s[j]
-        if c == "\\":
-            j += 2
-        elif c == '"':
-            return j + 1
-        else:
-            j += 1
-    return -1
 
 
 class Verdict(Enum):

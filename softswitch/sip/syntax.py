@@ -57,6 +57,9 @@ def quoted_end(s: str, start: int) -> int:
     Backslash escapes one character (quoted-pair). An unterminated string is a 400: RFC 4475's
     `quotbal` is exactly that.
     """
+    close = s.find('"', start + 1)
+    if close >= 0 and s.find("\\", start + 1, close) < 0:
+        return close + 1  # the usual case, no escapes before the closing quote: two C searches
     i = start + 1
     n = len(s)
     while i < n:
