@@ -107,7 +107,7 @@ class BaresipConfig:
     server: tuple[str, int]
     directory: Path
     sip_port: int = field(default_factory=lambda: free_port(span=2))
-    ctrl_port: int = field(default_factory=lambda: free_port(udp=False))
+    ctrl_port: int = field(default_factory=lambda: free_port(udp=False, below_ephemeral=True))
     rtp_ports: tuple[int, int] = field(default_factory=free_udp_range)
     display_name: str = ""
     answermode: str = "auto"
@@ -192,11 +192,18 @@ class BaresipCtl:
         while True:
             try:
                 self.sock = socket.create_connection((LOOPBACK, port), timeout=1.0)
-                break
+                if self.sock.getsockname() != self.sock.getpeername():
+                    break
+                # TCP simultaneous open: while baresip is not listening yet, the kernel may
+                # pick the ctrl port itself (it lies in the ephemeral range) as our source
+                # port and connect the socket to itself. Our commands then came back to us
+                # and 'reginfo' timed out, now and then, under load.
+                self.sock.close()
             except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.1)
+                pass
+            if time.monotonic() > deadline:
+                raise ConnectionError(f"baresip ctrl_tcp on port {port} did not accept")
+            time.sleep(0.1)
         self.buf = b""
         self.events: list[dict[str, Any]] = []
         self._token = 0

@@ -39,19 +39,27 @@ def port_is_free(port: int, *, udp: bool = True, tcp: bool = True) -> bool:
     return not (tcp and not _can_bind(port, socket.SOCK_STREAM))
 
 
-def free_port(*, span: int = 1, udp: bool = True, tcp: bool = True) -> int:
+def free_port(
+    *, span: int = 1, udp: bool = True, tcp: bool = True, below_ephemeral: bool = False
+) -> int:
     """A port P such that P .. P+span-1 are free on 127.0.0.1 for UDP and TCP.
 
-    ``span=2`` is what baresip needs (SIP on P, TLS on P+1).
+    ``span=2`` is what baresip needs (SIP on P, TLS on P+1). ``below_ephemeral`` picks from
+    10000-19999 instead of asking the kernel: for a TCP port we connect to while its server
+    may not listen yet (baresip's ctrl_tcp), since connecting to a closed port of the
+    ephemeral range can pick that same port as the source and connect the socket to itself.
     """
     with _lock:
         for _ in range(500):
-            probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            try:
-                probe.bind((LOOPBACK, 0))
-                base = int(probe.getsockname()[1])
-            finally:
-                probe.close()
+            if below_ephemeral:
+                base = random.randrange(10000, 20000 - span)
+            else:
+                probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                try:
+                    probe.bind((LOOPBACK, 0))
+                    base = int(probe.getsockname()[1])
+                finally:
+                    probe.close()
             wanted = range(base, base + span)
             if base + span - 1 > 65535 or any(p in _handed_out for p in wanted):
                 continue
