@@ -9,7 +9,7 @@ objects; the caller hands them to the transaction layer with the destination it 
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .headers import Headers, NameAddr
 from .message import Request, Response
@@ -25,7 +25,7 @@ def new_call_id(host: str) -> str:
     return f"{token_hex(10)}@{host}"
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, init=False)
 class Dialog:
     """One dialog, from our side (we are `local`)."""
 
@@ -35,10 +35,35 @@ class Dialog:
     local_uri: str  # our From (UAC) / To (UAS) header value without tag
     remote_uri: str
     remote_target: Uri
-    route_set: list[str] = field(default_factory=list)
-    local_cseq: int = 1
-    remote_cseq: int | None = None
-    secure: bool = False
+    route_set: list[str]
+    local_cseq: int
+    remote_cseq: int | None
+    secure: bool
+
+    def __init__(
+        self,
+        call_id: str,
+        local_tag: str,
+        remote_tag: str | None,
+        local_uri: str,
+        remote_uri: str,
+        remote_target: Uri,
+        route_set: list[str] | None = None,
+        local_cseq: int = 1,
+        remote_cseq: int | None = None,
+        secure: bool = False,
+    ) -> None:
+        # Written out so that mypyc compiles it (docs/decisions.md, D18).
+        self.call_id = call_id
+        self.local_tag = local_tag
+        self.remote_tag = remote_tag
+        self.local_uri = local_uri
+        self.remote_uri = remote_uri
+        self.remote_target = remote_target
+        self.route_set = [] if route_set is None else route_set
+        self.local_cseq = local_cseq
+        self.remote_cseq = remote_cseq
+        self.secure = secure
 
     @classmethod
     def as_uas(cls, request: Request, response: Response, local_tag: str) -> Dialog:
