@@ -384,6 +384,12 @@ def audio_from(received: int, others: list[Baresip]) -> int:
 
 AUDIO_SECONDS = 3.0  # of talk after every take-over, before the audio is counted
 TALK_BEFORE_HOLD = 1.5  # long enough for baresip to print the call's RTP table at its end
+# After a retrieve the far end's phone hears a new RTP source (the retrieving phone's SSRC)
+# and loses a few packets resynchronising: 17 (0.34 s) in a run where the relay's call_media
+# event showed every packet received and sent on, none ignored or dropped. The same 90 % is
+# asked over a longer talk than AUDIO_SECONDS, so that one-time loss cannot fail it while a
+# stale latch (2 s) or a missed re-INVITE still does.
+RETRIEVE_AUDIO_SECONDS = 6.0
 
 
 def assert_audio(got: int, sent: int, what: str) -> None:
@@ -659,7 +665,7 @@ def test_retrieve_held_call_by_star9_while_holding_another_call(
     byes = eventually(lambda: bob.received("BYE"), "BYE at Bob's phone")
     assert byes[-1].get("reason") == RETRIEVED_ELSEWHERE, byes[-1].text()
 
-    time.sleep(AUDIO_SECONDS)
+    time.sleep(RETRIEVE_AUDIO_SECONDS)
     since, mark, stats = watcher.mark(), mark_of(alice), len(alice.rtp_stats())
     command(alice, "hangup")  # the current call: the retrieved one
     closed = alice.wait_event("CALL_CLOSED", 10, since=mark)
