@@ -33,15 +33,25 @@ _ENCODER = json.JSONEncoder(separators=(",", ":"), default=repr)
 _str = json.encoder.encode_basestring_ascii  # what _ENCODER uses for str values
 
 
+def _now_us() -> float:
+    """Seconds since the epoch to the microsecond, as a float.
+
+    `round(time.time(), 6)` did the same through two float-to-decimal conversions (round's,
+    then the encoder's repr): ~4 % of an answered call's instructions (callgrind). Integer
+    division leaves one, in the encoder.
+    """
+    return time.time_ns() // 1000 / 1e6
+
+
 def _timestamp(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
-    event["ts"] = round(time.time(), 6)
+    event["ts"] = _now_us()
     return event
 
 
 def _stamp(_: Any, method: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     """Level and time in one step; `exc_info` rendered only when an event carries one."""
     event["level"] = "warning" if method == "warn" else method
-    event["ts"] = round(time.time(), 6)
+    event["ts"] = _now_us()
     if "exc_info" in event:
         return structlog.processors.format_exc_info(_, method, event)
     return event
@@ -130,7 +140,7 @@ def outcome(
     writer.msg(
         f'{{"method":{_str(method)},"status":{status:d},"call_id":{_str(call_id)},'
         f'"user":{user_text},"peer":{_str(peer)}{detail_text},"event":{_str(event)},'
-        f'"level":"info","ts":{round(time.time(), 6)!r}}}'
+        f'"level":"info","ts":{_now_us()!r}}}'
     )
 
 
