@@ -100,8 +100,7 @@ class _Direct:
     """Where `outcome` writes when the JSON chain is configured; None: go through structlog."""
 
     writer: LineWriter | None = None
-    enabled = True  # False when the configured level is above info
-    min_level = logging.INFO  # JsonLogger's threshold
+    min_level = logging.INFO  # the configured level: `outcome`'s and JsonLogger's threshold
 
 
 _outcome_log = structlog.get_logger("softswitch")
@@ -131,7 +130,7 @@ def outcome(
             event, method=method, status=status, call_id=call_id, user=user, peer=peer, **extra
         )
         return
-    if not _Direct.enabled:
+    if _Direct.min_level > logging.INFO:
         return
     # The line the chain would render (same keys, same order, same escaping: json's own
     # ASCII string encoder), formatted in one f-string rather than walked by the encoder.
@@ -224,7 +223,7 @@ def configure(level: str = "info", fmt: str = "auto") -> None:
     use_console = fmt == "console" or (fmt == "auto" and sys.stderr.isatty())
     wrapper = structlog.make_filtering_bound_logger(_LEVELS.get(level, logging.INFO))
     _Direct.writer = None
-    _Direct.enabled = _LEVELS.get(level, logging.INFO) <= logging.INFO
+    _Direct.min_level = _LEVELS.get(level, logging.INFO)
     if use_console:
         structlog.configure(
             processors=[
@@ -241,7 +240,6 @@ def configure(level: str = "info", fmt: str = "auto") -> None:
         return
     stream = sys.stderr
     writer = LineWriter(stream)
-    _Direct.min_level = _LEVELS.get(level, logging.INFO)
     structlog.configure(
         processors=[_stamp, _render],
         wrapper_class=JsonLogger,
