@@ -40,7 +40,6 @@ class Algorithm(StrEnum):
 #: By name, for parsing: a dict lookup, where `Algorithm(name)` runs Enum's Python-level
 #: `__call__` on every authenticated request.
 _ALGORITHMS: dict[str, Algorithm] = {a.value: a for a in Algorithm}
-_REQUIRED = ("username", "realm", "nonce", "uri", "response")
 
 
 def ha1(username: str, realm: str, password: str, algorithm: Algorithm) -> str:
@@ -108,8 +107,10 @@ def parse_authorization(value: str) -> DigestResponse:
     params = _auth_params(rest)
     if params is None:
         raise ParseError(f"malformed digest parameters: {rest[:40]!r}")
+    algorithm = _ALGORITHMS.get(params.get("algorithm", "MD5").upper())
+    if algorithm is None:
+        raise ParseError(f"unsupported digest algorithm {params.get('algorithm')!r}")
     try:
-        algorithm = _ALGORITHMS[params.get("algorithm", "MD5").upper()]
         return DigestResponse(
             username=params["username"], realm=params["realm"], nonce=params["nonce"],
             uri=params["uri"], response=params["response"].lower(), algorithm=algorithm,
@@ -117,8 +118,6 @@ def parse_authorization(value: str) -> DigestResponse:
             opaque=params.get("opaque"),
         )  # fmt: skip
     except KeyError as exc:
-        if exc.args[0] not in _REQUIRED:
-            raise ParseError(f"unsupported digest algorithm {params.get('algorithm')!r}") from None
         raise ParseError(f"digest parameter {exc.args[0]} missing") from None
 
 
