@@ -69,7 +69,8 @@ class Media(Protocol):
     def release(self, endpoint: Any) -> None: ...
 
     def bridge(self, a: Any, b: Any, *, pt_maps: PtMaps | None = None) -> Any:
-        """Relay `a` and `b`; the result has `set_pt_maps(PtMaps | None)` (media.RelayBridge)."""
+        """Relay `a` and `b`; the result has `set_pt_maps(PtMaps | None)` and
+        `stats() -> media.bridge.BridgeStats` (media.RelayBridge)."""
         ...
 
     def unbridge(self, bridge: Any) -> None: ...

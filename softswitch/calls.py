@@ -22,7 +22,7 @@ import heapq
 import itertools
 import time
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import structlog
@@ -710,14 +710,11 @@ class B2BUA:
         call.forks = []
 
     def _release_media(self, call: Call) -> None:
-        if call.a_media is not None and call.b_media is not None:
-            log.info(
-                "call_media",
-                call=call.id,
-                a=_rtp_counts(call.a_media),
-                b=_rtp_counts(call.b_media),
-            )
         if call.bridge is not None:
+            # The relay's own account of the call's audio, per direction (packets in, and
+            # those it could not send on): an operator's first question about one-way or
+            # choppy audio is which side stopped sending or where packets went missing.
+            log.info("call_media", call=call.id, **asdict(call.bridge.stats()))
             self.media.unbridge(call.bridge)
             call.bridge = None
         for attr in ("a_media", "b_media"):
@@ -946,19 +943,3 @@ def _aggregate(failures: list[int]) -> int:
     if 603 in failures:
         return 603
     return 480
-
-
-def _rtp_counts(endpoint: Any) -> dict[str, int] | None:
-    """What one relay endpoint's RTP port saw in a call, for the `call_media` log event: an
-    operator's first question about one-way or choppy audio is which side stopped sending,
-    whose packets were refused (`ignored`: not the latched source) and what could not be
-    sent on (`dropped`). None for an endpoint without counters (a test's fake)."""
-    rtp = getattr(endpoint, "rtp", None)
-    if rtp is None:
-        return None
-    return {
-        "rx": rtp.rx_packets,
-        "ignored": rtp.ignored,
-        "dropped": rtp.dropped,
-        "relatches": rtp.relatches,
-    }

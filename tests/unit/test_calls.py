@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from media.bridge import BridgeStats, FlowStats
 from media.ptmap import PtMaps
 from softswitch.call_model import ForkTarget, LineRef
 from softswitch.calls import B2BUA
@@ -53,6 +54,9 @@ class FakeBridge:
 
     def set_pt_maps(self, pt_maps: PtMaps | None) -> None:
         self.pt_maps = pt_maps
+
+    def stats(self) -> BridgeStats:
+        return BridgeStats(FlowStats(0, 0, 0, 0), FlowStats(0, 0, 0, 0))
 
 
 @dataclass
