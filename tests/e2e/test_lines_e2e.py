@@ -660,7 +660,8 @@ def test_retrieve_held_call_by_star9_while_holding_another_call(
         10, since=since, what="Alice with Dave, Eve still held",
     )  # fmt: skip
     assert len(doc.dialogs) == 2, doc.describe()
-    assert wait_for_event(svc, "call_retrieved", party=ALICE.extension)["previous"] == "1002"
+    retrieved = wait_for_event(svc, "call_retrieved", party=ALICE.extension)
+    assert retrieved["previous"] == "1002", retrieved
     bob.wait_event("CALL_CLOSED", 10, since=bob_mark)
     byes = eventually(lambda: bob.received("BYE"), "BYE at Bob's phone")
     assert byes[-1].get("reason") == RETRIEVED_ELSEWHERE, byes[-1].text()
@@ -674,6 +675,9 @@ def test_retrieve_held_call_by_star9_while_holding_another_call(
     sent, received = rtp_of_call(alice, stats)
     assert_audio(received, sent, "Dave -> Alice")
     assert_audio(audio_from(rtp_of_call(dave, 0)[1], [bob]), sent, "Alice -> Dave")
+    # the relay's own account of that call, logged when its media is released
+    media = wait_for_event(svc, "call_media", call=retrieved["call"])
+    assert media["a_to_b"]["rtp_packets"] >= sent and media["b_to_a"]["rtp_packets"] >= sent, media
 
     # the Eve call is still there (baresip resumes it when the other call ends): hang it up
     watcher.wait_for(
