@@ -30,16 +30,34 @@ class OptionalBuildExt(build_ext):
     """A failed compile leaves the pure-Python package instead of failing the install."""
 
     def run(self) -> None:
+        self._failed: set[str] = set()
         try:
             super().run()
         except Exception as exc:  # the compiler's errors come as several unrelated types
             self.warn(f"softswitch: native build failed, installing pure Python: {exc}")
+            return
+        if self.inplace:
+            self._touch_built()
 
     def build_extension(self, ext: Any) -> None:
         try:
             super().build_extension(ext)
         except Exception as exc:
+            self._failed.add(ext.name)
             self.warn(f"softswitch: could not compile {ext.name}, it stays Python: {exc}")
+
+    def _touch_built(self) -> None:
+        """Mark every extension built in place as newer than its source.
+
+        A module's code is in its group's shared library; its own extension is a small shim
+        whose C text changes only with the module's name, so setuptools skips it as up to
+        date and leaves the old file, older than the edited source. The stale-extension check
+        (softswitch/native.py) would then refuse a build that is in fact current.
+        """
+        for ext in self.extensions:
+            path = Path(self.get_ext_fullpath(ext.name))
+            if ext.name not in self._failed and path.exists():
+                path.touch()
 
 
 def native_extensions() -> list[Any]:
