@@ -5,10 +5,9 @@ runs the compiled build (an operator comparing two machines' CPU needs to know) 
 can insist on it under CI, where the compiled build is the one that ships (D17).
 
 Chosen: the sans-I/O message path that every SIP message crosses (parser, transactions, digest,
-registrar, dispatch) and the call set-up around it. Left as Python: the asyncio edges
-(transports, store thread, HTTP, logging, CLI), whose cost is in system calls, and the B2BUA
-modules whose class body gathers methods from sibling modules, which mypyc cannot compile as
-methods. Tests may subclass or patch only what is left as Python.
+registrar, dispatch), the call set-up around it and the B2BUA with call control. Left as
+Python: the asyncio edges (transports, store thread, HTTP, logging, CLI), whose cost is in
+system calls. Tests may subclass or patch only what is left as Python.
 """
 
 from __future__ import annotations
@@ -50,10 +49,19 @@ _CORE = [
     "media/sdp.py",
 ]
 
+_CALLS = [
+    "softswitch/call_control.py",
+    "softswitch/calls.py",
+    "softswitch/late_offer.py",
+    "softswitch/takeover.py",
+    "softswitch/transfer.py",
+]
+
 # (shared library name, source paths relative to the project root); one gcc job per group.
 NATIVE_GROUPS: list[tuple[str, list[str]]] = [
     ("softswitch_sip", [f"softswitch/sip/{name}.py" for name in _SIP]),
     ("softswitch_core", _CORE),
+    ("softswitch_calls", _CALLS),
 ]
 
 
