@@ -8,8 +8,9 @@ rewritten towards our relay.
 
 This module holds call set-up, forking and relaying. The call model is `call_model`; taking a
 call over (pickup, retrieve) is `takeover`, REFER is `transfer` and the late offer (an INVITE
-without SDP, D15) is `late_offer`: their functions are methods of `B2BUA`, installed in its
-class body.
+without SDP, D15) is `late_offer`: their functions take the `B2BUA` first and are called as
+functions here; `B2BUA`'s public methods for take-overs and transfers delegate to them. (Not
+functions installed in the class body as methods: mypyc compiles those as attributes, D17.)
 
 This is signalling logic: it talks to the transaction layer (sans-I/O), asks the media
 manager for endpoints, and publishes line events. Timers (ring timeout, delayed forks) live in
@@ -91,37 +92,75 @@ class B2BUA:
         #: appearance index the call takes, for the phones of the line that show appearances.
         self.fork_headers: Callable[[Call, ForkTarget], list[tuple[str, str]]] | None = None
 
-    # --- methods kept in modules of their own (each function takes the B2BUA as `self`) ------
-    # pickup and retrieve: softswitch/takeover.py
-    find_call = takeover.find_call
-    party_leg = takeover.party_leg
-    pickup = takeover.pickup
-    retrieve = takeover.retrieve
-    _complete_takeover = takeover._complete_takeover
-    _offer_of = takeover._offer_of
-    _finish_answer = takeover._finish_answer
-    make_private = takeover.make_private
-    # REFER, blind and attended: softswitch/transfer.py
-    other_leg = transfer.other_leg
-    blind_transfer = transfer.blind_transfer
-    _transfer_answered = transfer._transfer_answered
-    _transfer_failed = transfer._transfer_failed
-    attended_transfer = transfer.attended_transfer
-    _reinvite = transfer._reinvite
-    _own_reinvite_answered = transfer._own_reinvite_answered
-    _hang_up = transfer._hang_up
-    _accept_refer = transfer._accept_refer
-    _notify_refer = transfer._notify_refer
-    # the offer in a 2xx, the answer in the ACK (D15): softswitch/late_offer.py
-    _late_offer_of = late_offer._late_offer_of
-    _hang_up_loser = late_offer._hang_up_loser
-    _offer_in_2xx = late_offer._offer_in_2xx
-    _await_answer = late_offer._await_answer
-    _answer_in_ack = late_offer._answer_in_ack
-    _give_up_answer = late_offer._give_up_answer
-    _decline_awaited = late_offer._decline_awaited
-    _declining = late_offer._declining
-    _ack = late_offer._ack
+    # --- taking calls over and transfers: kept in modules of their own --------------------
+    # The work is in softswitch/takeover.py and softswitch/transfer.py (their functions take
+    # the B2BUA first); these methods are the B2BUA's interface to call control. They are
+    # methods, not class attributes bound to those functions, so that mypyc compiles them as
+    # methods (D17).
+    def find_call(self, call_id: str) -> Call | None:
+        """The call one of whose legs has this Call-ID (what a `Replaces` header names)."""
+        return self._call_ids.get(call_id)
+
+    @staticmethod
+    def party_leg(call: Call, ref: LineRef) -> Leg | None:
+        """The leg of the line member on `ref`'s line: the callee side of an inbound line."""
+        return call.b if ref.direction is Direction.INBOUND else call.a
+
+    @staticmethod
+    def other_leg(leg: Leg) -> Leg | None:
+        """The other side of `leg`'s call."""
+        call = leg.call
+        return call.b if leg is call.a else call.a
+
+    def pickup(
+        self, call: Call, txn: ServerTransaction, req: Request, source: Address, party: str
+    ) -> None:
+        takeover.pickup(self, call, txn, req, source, party)
+
+    def retrieve(
+        self,
+        call: Call,
+        ref: LineRef,
+        txn: ServerTransaction,
+        req: Request,
+        source: Address,
+        party: str,
+    ) -> None:
+        takeover.retrieve(self, call, ref, txn, req, source, party)
+
+    def make_private(self, party: str) -> list[Call]:
+        return takeover.make_private(self, party)
+
+    def blind_transfer(
+        self,
+        x: Leg,
+        refer_txn: ServerTransaction,
+        refer: Request,
+        *,
+        lines: list[LineRef],
+        caller_from: str,
+        caller_pai: str | None,
+        targets: list[ForkTarget],
+        ring_time: float,
+        referred_by: str | None = None,
+    ) -> None:
+        transfer.blind_transfer(
+            self,
+            x,
+            refer_txn,
+            refer,
+            lines=lines,
+            caller_from=caller_from,
+            caller_pai=caller_pai,
+            targets=targets,
+            ring_time=ring_time,
+            referred_by=referred_by,
+        )
+
+    def attended_transfer(
+        self, x1: Leg, refer_txn: ServerTransaction, refer: Request, replaces_call_id: str
+    ) -> bool:
+        return transfer.attended_transfer(self, x1, refer_txn, refer, replaces_call_id)
 
     # --- timers (sans-I/O: the service calls handle_timer at get_timer()) -------------------
     def get_timer(self) -> float | None:
@@ -373,7 +412,9 @@ class B2BUA:
             return
         if call.transfer is not None:
             if resp.status == 180:
-                self._notify_refer(call.transfer.transferor, "SIP/2.0 180 Ringing", final=False)
+                transfer.notify_refer(
+                    self, call.transfer.transferor, "SIP/2.0 180 Ringing", final=False
+                )
             return
         if resp.to.tag and leg.dialog is None:
             leg.dialog = Dialog.as_uac(invite_of(leg), resp)
@@ -393,7 +434,7 @@ class B2BUA:
         dialog = Dialog.as_uac(invite, resp)
         offer: SessionDescription | None = None
         if call.late:
-            offer = self._late_offer_of(leg, dialog, resp)
+            offer = late_offer.late_offer_of(self, leg, dialog, resp)
             if offer is None:
                 return
         else:
@@ -401,7 +442,7 @@ class B2BUA:
             self.layer.send_stateless(ack, leg.dest)
             if call.b is not None or call.ended:
                 # A second answer lost the race: acknowledge it and hang it up at once.
-                self._hang_up_loser(leg, dialog)
+                late_offer.hang_up_loser(self, leg, dialog)
                 return
         leg.dialog = dialog
         leg.state = LegState.CONFIRMED
@@ -412,7 +453,7 @@ class B2BUA:
             if other is not leg and other.state in (LegState.CALLING, LegState.EARLY):
                 self._cancel_fork(other, COMPLETED_ELSEWHERE)
         if call.transfer is not None:
-            self._transfer_answered(call, leg, resp)
+            transfer.transfer_answered(self, call, leg, resp)
             return
         a = call.a
         assert a is not None
@@ -421,7 +462,7 @@ class B2BUA:
         out.headers.add("Allow", ALLOW)
         assert isinstance(a.invite, ServerTransaction)
         if offer is not None:
-            self._offer_in_2xx(out, leg, a, offer, invite.cseq.seq, a.invite)
+            late_offer.offer_in_2xx(self, out, leg, a, offer, invite.cseq.seq, a.invite)
         elif resp.body:
             self._add_sdp(out, resp.body, from_leg=leg, to_leg=a)
         a.dialog = Dialog.as_uas(a.invite.request, out, a.local_tag)
@@ -450,7 +491,7 @@ class B2BUA:
             if leg.state in (LegState.CALLING, LegState.EARLY):
                 self._cancel_fork(leg, None)
         if call.transfer is not None:
-            self._transfer_failed(call, status, reason)
+            transfer.transfer_failed(self, call, status, reason)
             return
         a = call.a
         assert a is not None and isinstance(a.invite, ServerTransaction)
@@ -518,7 +559,7 @@ class B2BUA:
         if req.method == "BYE":
             self.layer.send_response(txn, req.make_response(200, "OK"), self._now())
             if call.awaited is not None:  # a held ACK goes first: its phone awaits it
-                self._decline_awaited(call.awaited)
+                late_offer.decline_awaited(self, call.awaited)
             if other is not None and other.dialog is not None and other.state is not LegState.ENDED:
                 bye = other.dialog.new_request("BYE", self._via(other.dest))
                 self.layer.send_request(bye, other.dest, self._now())
@@ -569,10 +610,10 @@ class B2BUA:
         if resp.status < 200 and (resp.status == 100 or pending.takeover is not None):
             return
         if pending.takeover is not None:
-            self._complete_takeover(txn, pending, resp)
+            takeover.complete_takeover(self, txn, pending, resp)
             return
         if pending.server is None:
-            self._own_reinvite_answered(txn, pending, resp)
+            transfer.own_reinvite_answered(self, txn, pending, resp)
             return
         to_leg = pending.from_leg
         other = to_leg.call.b if to_leg is to_leg.call.a else to_leg.call.a
@@ -595,7 +636,7 @@ class B2BUA:
             other.dialog.update_target(resp)
             if out.body and not txn.request.body:
                 # A re-INVITE without SDP: this 2xx offers, the requester's ACK answers (D15).
-                self._await_answer(other, to_leg, txn.request.cseq.seq, pending.server)
+                late_offer.await_answer(self, other, to_leg, txn.request.cseq.seq, pending.server)
             else:
                 ack = other.dialog.new_request(
                     "ACK", self._via(other.dest), cseq=txn.request.cseq.seq
@@ -626,14 +667,14 @@ class B2BUA:
             and aw.answerer is leg
             and req.cseq.seq == aw.answer_cseq
         ):
-            self._answer_in_ack(aw, req)
+            late_offer.answer_in_ack(self, aw, req)
         return True
 
     def on_ack_timeout(self, txn: ServerTransaction) -> None:
         """Our 2xx to the caller was never acknowledged (§13.3.1.4): hang up both sides."""
         aw = self._awaiting.pop(txn, None)
         if aw is not None:  # the answer will never come either
-            self._give_up_answer(aw, "no ack")
+            late_offer.give_up_answer(self, aw, "no ack")
             return
         call = self._by_invite.get(txn)
         if call is None:
@@ -717,11 +758,12 @@ class B2BUA:
             log.info("call_media", call=call.id, **asdict(call.bridge.stats()))
             self.media.unbridge(call.bridge)
             call.bridge = None
-        for attr in ("a_media", "b_media"):
-            ep = getattr(call, attr)
-            if ep is not None:
-                self.media.release(ep)
-                setattr(call, attr, None)
+        if call.a_media is not None:
+            self.media.release(call.a_media)
+            call.a_media = None
+        if call.b_media is not None:
+            self.media.release(call.b_media)
+            call.b_media = None
 
     # --- helpers ----------------------------------------------------------------------------
     def _publish(self, call: Call, state: CallState, reason: str | None = None) -> None:

@@ -2,9 +2,10 @@
 ACK (RFC 3261 §13.2.1, RFC 3264; decision D15). We hold the offerer's ACK until the
 answerer's ACK brings the answer.
 
-These functions are methods of `calls.B2BUA` (its class body installs them, so each takes
-the B2BUA as `self`), kept in a module of their own to keep the call set-up and relaying in
-calls.py readable. They use the B2BUA's transaction layer, media manager and indexes.
+These functions are the B2BUA's behaviour, kept in a module of their own to keep the call
+set-up and relaying in calls.py readable: each takes the `calls.B2BUA` first, as `self`, and
+uses its transaction layer, media manager and indexes. calls.py calls them as functions
+(mypyc compiles them so, D17); the B2BUA's public methods for them delegate here.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ if TYPE_CHECKING:
 log = structlog.get_logger("softswitch.calls")
 
 
-def _late_offer_of(
+def late_offer_of(
     self: B2BUA, leg: Leg, dialog: Dialog, resp: Response
 ) -> SessionDescription | None:
     """The offer in a late-offer fork's 2xx, or None if this 2xx cannot be the answer: it
@@ -44,18 +45,18 @@ def _late_offer_of(
     if offer is not None and call.b is None and not call.ended:
         return offer
     # An o= of its own: the forks' shared one is the winner's.
-    body = self._declining(offer, OriginState()) if offer is not None else b""
-    self._ack(dialog, leg.dest, invite_of(leg).cseq.seq, body)
+    body = _declining(self, offer, OriginState()) if offer is not None else b""
+    _ack(self, dialog, leg.dest, invite_of(leg).cseq.seq, body)
     if call.b is not None or call.ended:
-        self._hang_up_loser(leg, dialog)
+        hang_up_loser(self, leg, dialog)
         return None
     log.warning("late_offer_unusable", call=call.id, call_id=dialog.call_id, party=leg.party)
-    self._hang_up_loser(leg, dialog, reason=None)
+    hang_up_loser(self, leg, dialog, reason=None)
     self._on_fork_failed(leg, 488)  # the other forks may still answer
     return None
 
 
-def _hang_up_loser(
+def hang_up_loser(
     self: B2BUA, leg: Leg, dialog: Dialog, reason: str | None = COMPLETED_ELSEWHERE
 ) -> None:
     """BYE an answered fork that does not get the call (it has had its ACK)."""
@@ -65,7 +66,7 @@ def _hang_up_loser(
     leg.state = LegState.ENDED
 
 
-def _offer_in_2xx(
+def offer_in_2xx(
     self: B2BUA,
     out: Response,
     offerer: Leg,
@@ -81,10 +82,10 @@ def _offer_in_2xx(
         offer, self.media.address, self._ports(offer, answerer.media), answerer.origin
     )
     out.headers.set("Content-Type", "application/sdp")
-    self._await_answer(offerer, answerer, cseq, server)
+    await_answer(self, offerer, answerer, cseq, server)
 
 
-def _await_answer(
+def await_answer(
     self: B2BUA, offerer: Leg, answerer: Leg, cseq: int, server: ServerTransaction
 ) -> None:
     """Hold `offerer`'s ACK back until the ACK to our 2xx on `server` brings the answer."""
@@ -93,28 +94,28 @@ def _await_answer(
     self._awaiting[server] = aw
 
 
-def _answer_in_ack(self: B2BUA, aw: AwaitedAck, ack: Request) -> None:
+def answer_in_ack(self: B2BUA, aw: AwaitedAck, ack: Request) -> None:
     """The answerer's ACK: its answer, rewritten, goes to the offerer in the held ACK."""
     self._awaiting.pop(aw.server, None)
     answer = sdp_or_none(ack.body)
     if answer is None:
-        self._give_up_answer(aw, "no answer in ack")
+        give_up_answer(self, aw, "no answer in ack")
         return
     offerer = aw.offerer
     assert offerer.dialog is not None
     self._remember(aw.answerer, answer)
     offerer.sent = answer
     body = rewrite(answer, self.media.address, self._ports(answer, offerer.media), offerer.origin)
-    aw.ack = self._ack(offerer.dialog, offerer.dest, aw.cseq, body)
+    aw.ack = _ack(self, offerer.dialog, offerer.dest, aw.cseq, body)
     self._refresh_pt_maps(offerer.call)
     log.info("late_offer_answered", call=offerer.call.id, call_id=ack.call_id)
     self.flush()
 
 
-def _give_up_answer(self: B2BUA, aw: AwaitedAck, reason: str) -> None:
+def give_up_answer(self: B2BUA, aw: AwaitedAck, reason: str) -> None:
     """No answer will come (no ACK, or one without usable SDP): the offerer still gets
     its ACK (declining every stream), then both phones a BYE."""
-    self._decline_awaited(aw)
+    decline_awaited(self, aw)
     call = aw.offerer.call
     log.warning("late_offer_failed", call=call.id, call_id=aw.server.request.call_id, reason=reason)
     for leg in (call.a, call.b):
@@ -125,14 +126,14 @@ def _give_up_answer(self: B2BUA, aw: AwaitedAck, reason: str) -> None:
     self.flush()
 
 
-def _decline_awaited(self: B2BUA, aw: AwaitedAck) -> None:
+def decline_awaited(self: B2BUA, aw: AwaitedAck) -> None:
     """Send the held ACK, if still held, with an answer declining every stream."""
     self._awaiting.pop(aw.server, None)
     offerer = aw.offerer
     if aw.ack is not None or offerer.dialog is None:
         return
-    body = self._declining(offerer.sdp, offerer.origin) if offerer.sdp else b""
-    aw.ack = self._ack(offerer.dialog, offerer.dest, aw.cseq, body)
+    body = _declining(self, offerer.sdp, offerer.origin) if offerer.sdp else b""
+    aw.ack = _ack(self, offerer.dialog, offerer.dest, aw.cseq, body)
 
 
 def _declining(self: B2BUA, offer: SessionDescription, origin: OriginState) -> bytes:

@@ -5,12 +5,11 @@ runs the compiled build (an operator comparing two machines' CPU needs to know) 
 can insist on it under CI, where the compiled build is the one that ships (D17).
 
 Chosen: the sans-I/O message path that every SIP message crosses (parser, transactions, digest,
-registrar, dispatch), the call set-up around it, and the RTP relay's packet path (endpoint
-sockets, bridge forwarders, the epoll dispatch: D14). Left as Python: the asyncio edges
-(transports, store thread, HTTP, logging, CLI), whose cost is in system calls; the media
-manager (media/relay.py: control path only, and its tests replace `_bind`); and the B2BUA
-modules whose class body gathers methods from sibling modules, which mypyc cannot compile as
-methods. Tests may subclass or patch only what is left as Python.
+registrar, dispatch), the call set-up around it, the B2BUA with call control, and the RTP
+relay's packet path (endpoint sockets, bridge forwarders, the epoll dispatch: D14). Left as
+Python: the asyncio edges (transports, store thread, HTTP, logging, CLI), whose cost is in
+system calls, and the media manager (media/relay.py: control path only, and its tests replace
+`_bind`). Tests may subclass or patch only what is left as Python.
 """
 
 from __future__ import annotations
@@ -59,10 +58,19 @@ _MEDIA = [
     "media/poller.py",
 ]
 
+_CALLS = [
+    "softswitch/call_control.py",
+    "softswitch/calls.py",
+    "softswitch/late_offer.py",
+    "softswitch/takeover.py",
+    "softswitch/transfer.py",
+]
+
 # (shared library name, source paths relative to the project root); one gcc job per group.
 NATIVE_GROUPS: list[tuple[str, list[str]]] = [
     ("softswitch_sip", [f"softswitch/sip/{name}.py" for name in _SIP]),
     ("softswitch_core", _CORE),
+    ("softswitch_calls", _CALLS),
     ("softswitch_media", _MEDIA),
 ]
 

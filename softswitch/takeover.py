@@ -1,9 +1,10 @@
 """Taking a call over from another phone: pickup of a ringing call, retrieve of an
 established (typically held) one, private hold.
 
-These functions are methods of `calls.B2BUA` (its class body installs them, so each takes
-the B2BUA as `self`), kept in a module of their own to keep the call set-up and relaying in
-calls.py readable. They use the B2BUA's transaction layer, media manager and indexes.
+These functions are the B2BUA's behaviour, kept in a module of their own to keep the call
+set-up and relaying in calls.py readable: each takes the `calls.B2BUA` first, as `self`, and
+uses its transaction layer, media manager and indexes. calls.py calls them as functions
+(mypyc compiles them so, D17); the B2BUA's public methods for them delegate here.
 """
 
 from __future__ import annotations
@@ -40,16 +41,6 @@ if TYPE_CHECKING:
 log = structlog.get_logger("softswitch.calls")
 
 
-def find_call(self: B2BUA, call_id: str) -> Call | None:
-    """The call one of whose legs has this Call-ID (what a `Replaces` header names)."""
-    return self._call_ids.get(call_id)
-
-
-def party_leg(self: B2BUA, call: Call, ref: LineRef) -> Leg | None:
-    """The leg of the line member on `ref`'s line: the callee side of an inbound line."""
-    return call.b if ref.direction is Direction.INBOUND else call.a
-
-
 def pickup(
     self: B2BUA, call: Call, txn: ServerTransaction, req: Request, source: Address, party: str
 ) -> None:
@@ -69,7 +60,7 @@ def pickup(
         self.layer.send_response(txn, resp, self._now())
         self.flush()
         return
-    theirs = self._offer_of(req, txn)
+    theirs = _offer_of(self, req, txn)
     if theirs is None or call.offer is None:
         return
     c = Leg(call, party, source, txn, media=call.b_media)
@@ -78,9 +69,9 @@ def pickup(
         if fork.state in (LegState.CALLING, LegState.EARLY):
             self._cancel_fork(fork, COMPLETED_ELSEWHERE)
     to_a = a.invite.request.make_response(200, "OK", to_tag=a.local_tag)
-    self._finish_answer(a, to_a, answer_from_offer(call.offer, theirs))
+    _finish_answer(self, a, to_a, answer_from_offer(call.offer, theirs))
     to_c = req.make_response(200, "OK", to_tag=c.local_tag)
-    self._finish_answer(c, to_c, answer_from_offer(theirs, call.offer))
+    _finish_answer(self, c, to_c, answer_from_offer(theirs, call.offer))
     call.b = c
     self._index_leg(c, req.call_id, c.local_tag)
     self._index_call_id(call, req.call_id)
@@ -107,7 +98,7 @@ def retrieve(
     """
     old = self.party_leg(call, ref)
     far = call.a if old is call.b else call.b
-    theirs = self._offer_of(req, txn)
+    theirs = _offer_of(self, req, txn)
     if old is None or far is None or far.dialog is None or theirs is None:
         return
     c = Leg(call, party, source, txn, media=old.media)
@@ -125,7 +116,7 @@ def retrieve(
     self.flush()
 
 
-def _complete_takeover(
+def complete_takeover(
     self: B2BUA, txn: ClientTransaction, pending: Pending, resp: Response
 ) -> None:
     assert pending.takeover is not None and pending.server is not None
@@ -147,7 +138,7 @@ def _complete_takeover(
     if answer is not None:
         self._remember(far, answer)  # what the far end now expects to receive
         far.sent = c.sdp  # it answered the new phone's offer
-    self._finish_answer(c, out, answer)
+    _finish_answer(self, c, out, answer)
     if old.dialog is not None:
         bye = old.dialog.new_request(
             "BYE", self._via(old.dest), extra=[("Reason", RETRIEVED_ELSEWHERE)]

@@ -1,8 +1,9 @@
 """Transfers: REFER executed by the B2BUA (RFC 3515), blind and attended.
 
-These functions are methods of `calls.B2BUA` (its class body installs them, so each takes
-the B2BUA as `self`), kept in a module of their own to keep the call set-up and relaying in
-calls.py readable. They use the B2BUA's transaction layer, media manager and indexes.
+These functions are the B2BUA's behaviour, kept in a module of their own to keep the call
+set-up and relaying in calls.py readable: each takes the `calls.B2BUA` first, as `self`, and
+uses its transaction layer, media manager and indexes. calls.py calls them as functions
+(mypyc compiles them so, D17); the B2BUA's public methods for them delegate here.
 """
 
 from __future__ import annotations
@@ -39,11 +40,6 @@ if TYPE_CHECKING:
 log = structlog.get_logger("softswitch.calls")
 
 
-def other_leg(self: B2BUA, leg: Leg) -> Leg | None:
-    call = leg.call
-    return call.b if leg is call.a else call.a
-
-
 def blind_transfer(
     self: B2BUA,
     x: Leg,
@@ -65,10 +61,10 @@ def blind_transfer(
     """
     old = x.call
     far = self.other_leg(x)
-    self._accept_refer(refer_txn, refer)
-    self._notify_refer(x, "SIP/2.0 100 Trying", final=False)
+    _accept_refer(self, refer_txn, refer)
+    notify_refer(self, x, "SIP/2.0 100 Trying", final=False)
     if far is None or far.sdp is None or not targets:
-        self._notify_refer(x, "SIP/2.0 480 Temporarily Unavailable", final=True)
+        notify_refer(self, x, "SIP/2.0 480 Temporarily Unavailable", final=True)
         self.flush()
         return
     t = Call(id=new_tag() + new_tag(), lines=lines, offer=sendrecv(far.sdp))
@@ -93,7 +89,7 @@ def blind_transfer(
     self.flush()
 
 
-def _transfer_answered(self: B2BUA, t: Call, leg: Leg, resp: Response) -> None:
+def transfer_answered(self: B2BUA, t: Call, leg: Leg, resp: Response) -> None:
     tr = t.transfer
     assert tr is not None and t.a is not None
     far = t.a
@@ -103,17 +99,17 @@ def _transfer_answered(self: B2BUA, t: Call, leg: Leg, resp: Response) -> None:
         answer = None
     if answer is not None:
         self._remember(leg, answer)
-        self._reinvite(far, answer)
+        _reinvite(self, far, answer)
         self._refresh_pt_maps(t)
     t.transfer = None
-    self._notify_refer(tr.transferor, "SIP/2.0 200 OK", final=True)
-    self._hang_up(tr.transferor, "transferred")
+    notify_refer(self, tr.transferor, "SIP/2.0 200 OK", final=True)
+    _hang_up(self, tr.transferor, "transferred")
     self._end(tr.old, "transferred", by=tr.transferor.party)
     log.info("call_answered", call=t.id, party=leg.party, transfer=True)
     self._publish(t, CallState.ACTIVE)
 
 
-def _transfer_failed(self: B2BUA, t: Call, status: int, reason: str) -> None:
+def transfer_failed(self: B2BUA, t: Call, status: int, reason: str) -> None:
     tr = t.transfer
     assert tr is not None and t.a is not None
     far, old = t.a, tr.old
@@ -122,8 +118,8 @@ def _transfer_failed(self: B2BUA, t: Call, status: int, reason: str) -> None:
     t.a_media = t.b_media = t.bridge = None
     if far.dialog is not None:
         self._index_call_id(old, far.dialog.call_id)
-    self._notify_refer(
-        tr.transferor, f"SIP/2.0 {status} {FAILURE_REASONS.get(status, reason)}", final=True
+    notify_refer(
+        self, tr.transferor, f"SIP/2.0 {status} {FAILURE_REASONS.get(status, reason)}", final=True
     )
     t.transfer = None
     t.a = None
@@ -163,8 +159,8 @@ def attended_transfer(
         if self.party_leg(src, r) is leg
     ]
     gone1 = [r for r in call1.lines if self.party_leg(call1, r) is x1]
-    self._accept_refer(refer_txn, refer)
-    self._notify_refer(x1, "SIP/2.0 100 Trying", final=False)
+    _accept_refer(self, refer_txn, refer)
+    notify_refer(self, x1, "SIP/2.0 100 Trying", final=False)
     for c in (call1, call2):
         if c.bridge is not None:
             self.media.unbridge(c.bridge)
@@ -181,13 +177,13 @@ def attended_transfer(
         call1.b = far2
     else:
         call1.a = far2
-    self._reinvite(far1, far2.sdp)
-    self._reinvite(far2, far1.sdp)
+    _reinvite(self, far1, far2.sdp)
+    _reinvite(self, far2, far1.sdp)
     # Two far ends that never negotiated with each other: the numbering may well differ.
     call1.bridge = self.media.bridge(far1.media, far2.media, pt_maps=self._pt_maps(call1))
-    self._notify_refer(x1, "SIP/2.0 200 OK", final=True)
+    notify_refer(self, x1, "SIP/2.0 200 OK", final=True)
     for x in (x1, x2):
-        self._hang_up(x, "transferred")
+        _hang_up(self, x, "transferred")
     x_party = x1.party
     log.info("call_transfer", call=call1.id, joined=call2.id, by=x_party, kind="attended")
     call1.lines = gone1
@@ -217,7 +213,7 @@ def _reinvite(self: B2BUA, leg: Leg, desc: SessionDescription) -> None:
     self._relayed[client] = Pending(None, leg)
 
 
-def _own_reinvite_answered(
+def own_reinvite_answered(
     self: B2BUA, txn: ClientTransaction, pending: Pending, resp: Response
 ) -> None:
     if resp.status < 200:
@@ -246,7 +242,7 @@ def _accept_refer(self: B2BUA, txn: ServerTransaction, refer: Request) -> None:
     self.layer.send_response(txn, refer.make_response(202, "Accepted"), self._now())
 
 
-def _notify_refer(self: B2BUA, x: Leg, frag: str, *, final: bool) -> None:
+def notify_refer(self: B2BUA, x: Leg, frag: str, *, final: bool) -> None:
     """The implicit `refer` subscription's NOTIFY (RFC 3515 §2.4.4), sipfrag body."""
     if x.dialog is None or x.state is LegState.ENDED:
         return

@@ -18,7 +18,7 @@ from softswitch.call_model import ForkTarget, LineRef
 from softswitch.calls import B2BUA
 from softswitch.lines import CallState, Direction, LineBus, LineEvent
 from softswitch.sip.message import Request, Response, parse_message
-from softswitch.sip.transaction import Address
+from softswitch.sip.transaction import Address, ClientTransaction
 from softswitch.sip.transaction_layer import (
     AckReceived,
     AckTimeout,
@@ -131,8 +131,9 @@ class Rig:
                 self.b2bua.on_ack_timeout(ev.txn)  # type: ignore[arg-type]
             elif isinstance(ev, StrayResponse):
                 self.b2bua.on_stray_2xx(ev.response)
-            elif isinstance(ev, TransactionTimeout):
-                self.b2bua.on_timeout(ev.txn)  # type: ignore[arg-type]
+            elif isinstance(ev, TransactionTimeout) and isinstance(ev.txn, ClientTransaction):
+                # As the service: a server transaction's end (Timer H/I) is not the B2BUA's.
+                self.b2bua.on_timeout(ev.txn)
 
     def take(self, dest: Address | None = None, method: str | None = None) -> list[Any]:
         out = [

@@ -35,7 +35,13 @@ from softswitch.sca import (
 from softswitch.sip.digest import Algorithm, DigestAuthenticator, compute_response
 from softswitch.sip.headers import parse_name_addr, split_list
 from softswitch.sip.message import Request, Response, SipMessage, parse_message
-from softswitch.sip.transaction import Address, ClientTransaction
+from softswitch.sip.transaction import (
+    Address,
+    ClientTransaction,
+    InviteServerTransaction,
+    ServerTransaction,
+    server_key,
+)
 from softswitch.sip.transaction_layer import (
     RequestReceived,
     ResponseReceived,
@@ -722,6 +728,12 @@ def test_nothing_is_left_behind(rig: Rig) -> None:
 # --- call control wiring: retrieval by INVITE and private hold, as the service runs them -----
 
 
+def server_txn(req: Request) -> ServerTransaction:
+    """`req`'s server transaction, as the layer makes it: the compiled call control checks the
+    class of what it is given (D17)."""
+    return InviteServerTransaction(req, PHONE_A, server_key(req))
+
+
 class FakeB2BUA:
     """What CallControl asks of the B2BUA for take-overs and in-dialog requests, recorded."""
 
@@ -801,7 +813,7 @@ class Control:
                 f'response="{digest}", algorithm=MD5, qop=auth, nc=00000001, cnonce="cn"',
             )
         before = len(self.sent)
-        assert self.cc.on_request(None, req, PHONE_A)  # type: ignore[arg-type]
+        assert self.cc.on_request(server_txn(req), req, PHONE_A)
         return self.sent[before] if len(self.sent) > before else Response(0, "", req.headers)
 
 
@@ -850,7 +862,7 @@ def test_active_and_idle_appearances_are_refused_to_members_only(rig: Rig) -> No
 def private_hold(rig: Rig, ctl: Control, call_info: str) -> None:
     req = rig.invite("1004", call_info=call_info)
     req.headers.set("To", "<sip:1004@127.0.0.1>;tag=ours")
-    assert ctl.cc.on_request(None, req, PHONE_A)  # type: ignore[arg-type]
+    assert ctl.cc.on_request(server_txn(req), req, PHONE_A)
 
 
 def test_a_held_private_reinvite_locks_the_call(rig: Rig) -> None:
