@@ -11,7 +11,6 @@ That took a log line from ~15 µs to ~5 µs.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
@@ -22,15 +21,14 @@ from typing import IO, Any
 
 import structlog
 
+from softswitch.logline import ENCODER, flat_line, json_str, ts_text
+
 _LEVELS = {
     "debug": logging.DEBUG,
     "info": logging.INFO,
     "warning": logging.WARNING,
     "error": logging.ERROR,
 }
-
-_ENCODER = json.JSONEncoder(separators=(",", ":"), default=repr)
-_str = json.encoder.encode_basestring_ascii  # what _ENCODER uses for str values
 
 
 def _now_us() -> float:
@@ -58,7 +56,7 @@ def _stamp(_: Any, method: str, event: MutableMapping[str, Any]) -> MutableMappi
 
 
 def _render(_: Any, __: str, event: MutableMapping[str, Any]) -> str:
-    return _ENCODER.encode(event)
+    return ENCODER.encode(event)
 
 
 class LineWriter:
@@ -134,12 +132,12 @@ def outcome(
         return
     # The line the chain would render (same keys, same order, same escaping: json's own
     # ASCII string encoder), formatted in one f-string rather than walked by the encoder.
-    user_text = "null" if user is None else _str(user)
-    detail_text = f',"detail":{_str(detail)}' if detail else ""
+    user_text = "null" if user is None else json_str(user)
+    detail_text = f',"detail":{json_str(detail)}' if detail else ""
     writer.msg(
-        f'{{"method":{_str(method)},"status":{status:d},"call_id":{_str(call_id)},'
-        f'"user":{user_text},"peer":{_str(peer)}{detail_text},"event":{_str(event)},'
-        f'"level":"info","ts":{_now_us()!r}}}'
+        f'{{"method":{json_str(method)},"status":{status:d},"call_id":{json_str(call_id)},'
+        f'"user":{user_text},"peer":{json_str(peer)}{detail_text},"event":{json_str(event)},'
+        f'"level":"info","ts":{ts_text()}}}'
     )
 
 
@@ -175,7 +173,11 @@ class JsonLogger:
             return
         fields = {**self._context, **kw} if self._context else kw
         fields["event"] = event % args if args else event
-        self._logger.msg(_render(None, method, _stamp(None, method, fields)))
+        if "exc_info" in fields or "level" in fields or "ts" in fields:
+            # A traceback to format, or a field the stamp would overwrite in place.
+            self._logger.msg(_render(None, method, _stamp(None, method, fields)))
+        else:
+            self._logger.msg(flat_line(fields, method))
 
     def debug(self, event: str, *args: Any, **kw: Any) -> None:
         self._emit("debug", event, args, kw)

@@ -8,9 +8,10 @@ import os
 import sys
 from collections.abc import Callable
 
+import pytest
 import structlog
 
-from softswitch import logs
+from softswitch import logline, logs
 from softswitch.logs import LineWriter, _render, _stamp
 
 
@@ -114,3 +115,33 @@ def test_the_json_logger_honours_level_bind_and_exceptions() -> None:
     assert warned["level"] == "warning"
     assert failed["level"] == "error" and "ValueError: boom" in failed["exception"]
     assert "exc_info" not in failed
+
+
+def test_a_line_built_field_by_field_is_the_encoders_text() -> None:
+    import enum
+
+    class State(enum.StrEnum):
+        HELD = "held"
+
+    fields = {
+        "call": 'c"1\\é\x01',
+        "n": 7,
+        "big": -(2**70),
+        "none": None,
+        "yes": True,
+        "no": False,
+        "ratio": 0.1,
+        "stats": {"a_to_b": {"rtp_packets": 3}, "b": [1, "x", None]},
+        "state": State.HELD,
+        "event": "call_media",
+    }
+    flat = logline.flat_line(dict(fields), "info")
+    chained = _render(None, "info", _stamp(None, "info", dict(fields)))
+    assert flat.rsplit(',"ts":', 1)[0] == chained.rsplit(',"ts":', 1)[0]
+    assert abs(json.loads(flat)["ts"] - json.loads(chained)["ts"]) < 5
+
+
+def test_the_time_stamp_text_is_the_microsecond_float(monkeypatch: pytest.MonkeyPatch) -> None:
+    for us in (0, 1, 999_999, 1_795_821_474_727_800, 1_795_821_474_000_001):
+        monkeypatch.setattr(logline.time, "time_ns", lambda us=us: us * 1000 + 999)
+        assert float(logline.ts_text()) == logs._now_us() == us / 1e6
