@@ -29,7 +29,7 @@ class Direction(StrEnum):
     OUTBOUND = "outbound"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, init=False)
 class LineEvent:
     """One change of one call on one line."""
 
@@ -48,8 +48,38 @@ class LineEvent:
     dialog: tuple[str, str, str] | None = None
     private: bool = False  # held privately: nobody else may retrieve it
 
+    def __init__(
+        self,
+        line: str,
+        call_id: str,
+        state: CallState,
+        direction: Direction,
+        party: str | None,
+        remote: str,
+        remote_name: str | None,
+        started_at: float,
+        at: float,
+        reason: str | None = None,
+        dialog: tuple[str, str, str] | None = None,
+        private: bool = False,
+    ) -> None:
+        # Written out so that mypyc compiles it (docs/decisions.md, D18); frozen, hence
+        # object.__setattr__, which mypyc turns into a plain store.
+        object.__setattr__(self, "line", line)
+        object.__setattr__(self, "call_id", call_id)
+        object.__setattr__(self, "state", state)
+        object.__setattr__(self, "direction", direction)
+        object.__setattr__(self, "party", party)
+        object.__setattr__(self, "remote", remote)
+        object.__setattr__(self, "remote_name", remote_name)
+        object.__setattr__(self, "started_at", started_at)
+        object.__setattr__(self, "at", at)
+        object.__setattr__(self, "reason", reason)
+        object.__setattr__(self, "dialog", dialog)
+        object.__setattr__(self, "private", private)
 
-@dataclass(frozen=True, slots=True)
+
+@dataclass(frozen=True, slots=True, init=False)
 class LineCall:
     """The current state of one call on a line, as every member sees it."""
 
@@ -63,6 +93,31 @@ class LineCall:
     changed_at: float
     dialog: tuple[str, str, str] | None
     private: bool
+
+    def __init__(
+        self,
+        call_id: str,
+        state: CallState,
+        direction: Direction,
+        party: str | None,
+        remote: str,
+        remote_name: str | None,
+        started_at: float,
+        changed_at: float,
+        dialog: tuple[str, str, str] | None,
+        private: bool,
+    ) -> None:
+        # Written out so that mypyc compiles it (docs/decisions.md, D18).
+        object.__setattr__(self, "call_id", call_id)
+        object.__setattr__(self, "state", state)
+        object.__setattr__(self, "direction", direction)
+        object.__setattr__(self, "party", party)
+        object.__setattr__(self, "remote", remote)
+        object.__setattr__(self, "remote_name", remote_name)
+        object.__setattr__(self, "started_at", started_at)
+        object.__setattr__(self, "changed_at", changed_at)
+        object.__setattr__(self, "dialog", dialog)
+        object.__setattr__(self, "private", private)
 
     @classmethod
     def of(cls, e: LineEvent) -> LineCall:
@@ -130,6 +185,11 @@ class LineBus:
         """Add a subscriber; returns the function that removes it."""
         self._subscribers.append(fn)
         return lambda: self._subscribers.remove(fn)
+
+    @property
+    def subscribers(self) -> int:
+        """How many subscribers are live: the model's views and every open event stream."""
+        return len(self._subscribers)
 
     def publish(self, event: LineEvent) -> None:
         log.info(

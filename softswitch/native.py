@@ -38,6 +38,7 @@ _CORE = [
     "softswitch/call_model.py",
     "softswitch/call_setup.py",
     "softswitch/dialog_info.py",
+    "softswitch/lines.py",
     "softswitch/logline.py",
     "softswitch/directory.py",
     "softswitch/overload.py",

@@ -31,7 +31,7 @@ from softswitch.http_server import (
     Response,
     parse_head,
 )
-from softswitch.lines import CallState, Direction, LineBus, LineEvent, Subscriber
+from softswitch.lines import CallState, Direction, LineBus, LineEvent
 from softswitch.sip.digest import Algorithm, DigestAuthenticator
 from softswitch.sip.message import Request as SipRequest
 from softswitch.sip.message import parse_message
@@ -59,28 +59,10 @@ PASSWORDS = {"1001": "s1", "1002": "sé2", "1003": "s3", "1004": "s4"}
 T0 = 1_800_000_000.0
 
 
-class CountingBus(LineBus):
-    """A LineBus that knows how many subscriptions are live, to see streams clean up."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.active = 0
-
-    def subscribe(self, fn: Subscriber) -> Callable[[], None]:
-        unsubscribe = super().subscribe(fn)
-        self.active += 1
-
-        def undo() -> None:
-            unsubscribe()
-            self.active -= 1
-
-        return undo
-
-
 @dataclass
 class Rig:
     cfg: Config
-    bus: CountingBus
+    bus: LineBus
     api: HttpApi
     server: HttpServer
     now: list[float] = field(default_factory=lambda: [T0])
@@ -122,7 +104,7 @@ class Rig:
 @pytest.fixture
 async def rig() -> AsyncIterator[Rig]:
     cfg = load_config_text(CONFIG)
-    bus = CountingBus()
+    bus = LineBus()
     holder = Rig(cfg, bus, None, None)  # type: ignore[arg-type]
     api = HttpApi(lambda: holder.cfg, bus, clock=lambda: holder.now[0], keepalive=TIMEOUT * 2)
     server = HttpServer(api.handle)
@@ -547,23 +529,23 @@ async def test_disconnect_unsubscribes(rig: Rig) -> None:
     sse = await Sse.open(rig.port, "1002")
     await sse.head()
     await sse.event()
-    assert rig.bus.active == 1 and rig.api.streams == 1
+    assert rig.bus.subscribers == 1 and rig.api.streams == 1
     sse.close()
-    await until(lambda: rig.bus.active == 0 and rig.server.connections == 0)
+    await until(lambda: rig.bus.subscribers == 0 and rig.server.connections == 0)
     assert rig.api.streams == 0
     rig.publish("1001", "c1", CallState.RINGING)  # nobody left to tell: no error
 
 
 async def test_stalled_client_does_not_block_the_bus(rig: Rig) -> None:
     sse = await Sse.open(rig.port, "1002", rcvbuf=4096)  # and never reads a byte
-    await until(lambda: rig.bus.active == 1)
+    await until(lambda: rig.bus.subscribers == 1)
     # publish() is synchronous: it cannot wait for the client. What must hold is that the
     # client's queue is bounded, so the stalled stream is cut instead of growing without end.
     for i in range(5000):
         rig.publish("1001", f"c{i}", CallState.RINGING)
         if i % 100 == 0:
             await asyncio.sleep(0)  # let the stream write what it can
-    await until(lambda: rig.bus.active == 0 and rig.api.streams == 0)  # dropped
+    await until(lambda: rig.bus.subscribers == 0 and rig.api.streams == 0)  # dropped
     assert await sse.closed()
     fresh = await Sse.open(rig.port, "1002")  # reconnecting gets the full state back
     await fresh.head()
@@ -595,7 +577,7 @@ async def test_password_change_ends_the_stream(rig: Rig) -> None:
     rig.cfg = load_config_text(CONFIG.replace('password: "sé2"', "password: new"))
     rig.publish("1001", "c1", CallState.RINGING)
     assert await sse.closed()
-    await until(lambda: rig.bus.active == 0)
+    await until(lambda: rig.bus.subscribers == 0)
 
 
 async def test_server_close_ends_streams(rig: Rig) -> None:
@@ -604,7 +586,7 @@ async def test_server_close_ends_streams(rig: Rig) -> None:
     await sse.event()
     await asyncio.wait_for(rig.server.close(), TIMEOUT)
     assert await sse.closed()
-    assert rig.bus.active == 0 and rig.api.streams == 0
+    assert rig.bus.subscribers == 0 and rig.api.streams == 0
 
 
 # --- HTTP edges ---------------------------------------------------------------------------------
@@ -712,7 +694,7 @@ def test_under_uvloop() -> None:
 
     async def scenario() -> None:
         cfg = load_config_text(CONFIG)
-        bus = CountingBus()
+        bus = LineBus()
         rig = Rig(cfg, bus, HttpApi(lambda: cfg, bus), None)  # type: ignore[arg-type]
         rig.server = HttpServer(rig.api.handle)
         await rig.server.start("127.0.0.1", 0)
@@ -721,7 +703,7 @@ def test_under_uvloop() -> None:
         live = await Sse.open(rig.port, "1001")
         await live.head()
         await live.event()
-        await until(lambda: bus.active == 2)
+        await until(lambda: bus.subscribers == 2)
 
         async def read_all() -> list[str]:
             return [(await live.event())["id"] for _ in range(5000)]
@@ -731,12 +713,12 @@ def test_under_uvloop() -> None:
             rig.publish("1001", f"c{i}", CallState.RINGING)
             if i % 100 == 0:
                 await asyncio.sleep(0)
-        await until(lambda: bus.active == 1)  # the stalled one is gone, the reader is not
+        await until(lambda: bus.subscribers == 1)  # the stalled one is gone, the reader is not
         assert await stalled.closed()
         ids = await asyncio.wait_for(reading, TIMEOUT)
         assert ids == [f"1001:{n}" for n in range(1, 5001)]
         await asyncio.wait_for(rig.server.close(), TIMEOUT)
-        assert await live.closed() and bus.active == 0
+        assert await live.closed() and bus.subscribers == 0
         stalled.close()
         live.close()
 
