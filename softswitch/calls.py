@@ -23,7 +23,7 @@ import heapq
 import itertools
 import time
 from collections.abc import Callable, Coroutine
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import structlog
@@ -755,7 +755,7 @@ class B2BUA:
             # The relay's own account of the call's audio, per direction (packets in, and
             # those it could not send on): an operator's first question about one-way or
             # choppy audio is which side stopped sending or where packets went missing.
-            log.info("call_media", call=call.id, **asdict(call.bridge.stats()))
+            log.info("call_media", call=call.id, **call.bridge.stats().as_dict())
             self.media.unbridge(call.bridge)
             call.bridge = None
         if call.a_media is not None:

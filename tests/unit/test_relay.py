@@ -686,3 +686,12 @@ def test_the_poller_drains_sockets_only_when_behind() -> None:
     calls.clear()
     _dispatch(lambda timeout, most: [(0, 1)] * BATCH, handlers, drainers)
     assert calls == ["many"] * BATCH
+
+
+def test_bridge_stats_as_dict_is_what_asdict_gives() -> None:
+    from dataclasses import asdict
+
+    from media.bridge import BridgeStats, FlowStats
+
+    stats = BridgeStats(FlowStats(1, 2, 3, 4), FlowStats(5, 6, 7, 8))
+    assert stats.as_dict() == asdict(stats)
