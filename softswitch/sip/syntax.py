@@ -137,6 +137,36 @@ def parse_params(s: str, what: str) -> list[tuple[str, str | None]]:
     Whitespace around names, `=` and values is tolerated (RFC 4475 `wsinv`); an empty parameter
     (`;;`) or a non-token name is a 400 (`badinv01`). Values keep their case and quotes.
     """
+    plain = plain_params(s)
+    return plain if plain is not None else _grammar_params(s, what)
+
+
+def plain_params(s: str) -> list[tuple[str, str | None]] | None:
+    """The parameters as `_grammar_params` reads them, when they hold no whitespace or quotes.
+
+    Such parameters (`branch=z9hG4bK..;rport`, `tag=..`: nearly all) are split on `;` and `=`
+    with string methods; the regex took ~1 µs a parameter. Anything else (whitespace, quotes,
+    an empty or odd parameter) is None: the grammar decides, and reports the error.
+    """
+    if " " in s or "\t" in s or '"' in s:
+        return None
+    out: list[tuple[str, str | None]] = []
+    for part in s.split(";"):
+        eq = part.find("=")
+        if eq < 0:
+            if not is_token(part):
+                return None
+            out.append((part, None))
+            continue
+        name, value = part[:eq], part[eq + 1 :]
+        if not is_token(name) or not value or "," in value or "<" in value or ">" in value:
+            return None
+        out.append((name, value))
+    return out
+
+
+def _grammar_params(s: str, what: str) -> list[tuple[str, str | None]]:
+    """`parse_params` by the full grammar (`_PARAM`): whitespace, quoted values, errors."""
     out: list[tuple[str, str | None]] = []
     match = _PARAM.match
     pos = 0

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import random
+from collections.abc import Callable
+
 import pytest
 
+from softswitch.sip import headers, syntax
 from softswitch.sip.errors import ParseError
 from softswitch.sip.headers import (
     CSeq,
@@ -459,3 +463,69 @@ def test_parse_uint() -> None:
     for bad in ("", "-1", "+1", "1.0", "256", "0x10", "²", "٣", "1 2", "9" * 13):
         with pytest.raises(ParseError):
             parse_uint(bad, "Max-Forwards", 255)
+
+
+# --- the string-method fast paths agree with the grammar ----------------------------------------
+
+
+def _outcome(fn: Callable[[str], object], text: str) -> object:
+    """What `fn` makes of `text`: its value, or the status of the ParseError it raises."""
+    try:
+        return fn(text)
+    except ParseError as exc:
+        return ("error", exc.status)
+
+
+def test_plain_params_agree_with_the_grammar_fuzzed() -> None:
+    rng = random.Random(3261)
+    alphabet = ["a", "B", "9", "=", ";", " ", "\t", '"', "\\", "-", ",", "<", "é", "\r", ":"]
+    for _ in range(20_000):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randrange(0, 12)))
+        plain = syntax.plain_params(text)
+        if plain is not None:
+            assert plain == syntax._grammar_params(text, "x"), text
+        assert _outcome(lambda t: parse_params(t, "x"), text) == _outcome(
+            lambda t: syntax._grammar_params(t, "x"), text
+        ), text
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "SIP/2.0/UDP 127.0.0.1:5060;branch=z9hG4bK1;rport",
+        "SIP/2.0/udp host.example.com;received=10.0.0.1",
+        "SIP/2.0/TCP h:65536;branch=x",
+        "SIP/2.0/TCP h:0",
+        "SIP/2.0/UDP -h;branch=x",
+        "SIP/2.0/UDP h-;branch=x",
+        "SIP/2.0/UDP [::1]:5060;branch=x",
+        "SIP/2.0/UDP h:5060;",
+        "SIP/2.0/UDP h:5060;;a",
+        "SIP/2.0/UDP h:50a0",
+        "SIP/2.0/UDP h:\uff10",  # a digit, but not an ASCII one
+        "SIP/2.0/UDP h:123456",
+        "SIP/2.0/ UDP h",
+        "SIP/2.0/UDP  h",
+        "SIP/3.0/UDP h",
+        "sip/2.0/UDP h",
+        "SIP/2.0/UDP h ;branch=x",
+        'SIP/2.0/UDP h:5060;branch="q"',
+        "SIP/2.0/UDP h:5060;maddr=[::1]",
+        "SIP/2.0/U@P h",
+        "SIP/2.0/UDP",
+        "SIP/2.0/UDP ",
+    ],
+)
+def test_plain_via_agrees_with_the_grammar(text: str) -> None:
+    assert _outcome(headers._parse_via, text) == _outcome(headers._grammar_via, text)
+
+
+def test_plain_via_agrees_with_the_grammar_fuzzed() -> None:
+    rng = random.Random(5060)
+    pieces = ["SIP/2.0/UDP ", "SIP/2.0/", "UDP", " ", "h", "1.2", ":", "5060", "99999", ";",
+              "branch=z9", "rport", "=", '"', "[::1]", "-", "\t", "é", ",", "x"]  # fmt: skip
+    for _ in range(20_000):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randrange(1, 9)))
+        if rng.random() < 0.7:
+            text = "SIP/2.0/UDP " + text
+        assert _outcome(headers._parse_via, text) == _outcome(headers._grammar_via, text), text
