@@ -34,6 +34,7 @@ _SIP = [
     "uri",
 ]
 _CORE = [
+    "dialplan/routing.py",
     "softswitch/appearances.py",
     "softswitch/call_model.py",
     "softswitch/call_setup.py",

@@ -24,3 +24,12 @@ def test_no_token_repeats_across_many_pool_refills() -> None:
 
 def test_a_request_larger_than_the_pool_is_served() -> None:
     assert len(randoms.RandomPool().take(10000)) == 10000
+
+
+def test_urlsafe_tokens_are_unpadded_base64url_of_any_length() -> None:
+    import base64
+
+    for n in range(1, 20):
+        token = randoms.token_urlsafe(n)
+        assert len(token) == -(-4 * n // 3)
+        assert len(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))) == n
