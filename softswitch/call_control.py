@@ -14,10 +14,9 @@ from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import unquote
 
-import structlog
-
 from dialplan import Config, Permission
 from dialplan.routing import lines_of, may_act_as
+from softswitch.logline import EventLog
 
 from .call_model import Call, ForkTarget, Leg, LineRef, sip_user
 from .call_setup import Admit, CallSetup, Feature, Refuse
@@ -34,7 +33,7 @@ from .throttle import FailureThrottle
 if TYPE_CHECKING:
     from .sca import ScaManager
 
-log = structlog.get_logger("softswitch.calls")
+log = EventLog("softswitch.calls")
 
 Respond = Callable[..., None]
 

@@ -26,11 +26,10 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
-import structlog
-
 from media.errors import MediaError, PortsExhausted, SdpError
 from media.ptmap import PtMaps, pt_maps
 from media.sdp import SessionDescription, parse_sdp, rewrite
+from softswitch.logline import EventLog
 
 from . import late_offer, takeover, transfer
 from .call_model import (
@@ -57,7 +56,7 @@ from .sip.transaction import Address, ClientTransaction, ServerTransaction
 from .sip.transaction_layer import TransactionLayer
 from .sip.uri import parse_uri
 
-log = structlog.get_logger("softswitch.calls")
+log = EventLog("softswitch.calls")
 
 
 class B2BUA:

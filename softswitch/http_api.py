@@ -28,19 +28,19 @@ from collections.abc import AsyncGenerator, Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-import structlog
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.json_schema import models_json_schema
 
 from dialplan import Config, User
 from dialplan.routing import Role, lines_of
+from softswitch.logline import EventLog
 
 from . import __version__
 from .http_server import Request, Response, error_response, json_response
 from .lines import CallState, Direction, LineBus, LineCall, LineEvent
 from .throttle import FailureThrottle
 
-log = structlog.get_logger(__name__)
+log = EventLog(__name__)
 
 REALM = "softswitch"
 KEEPALIVE = 15.0  # seconds between `: keepalive` comments: proxies drop idle connections

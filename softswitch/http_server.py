@@ -27,9 +27,9 @@ from dataclasses import dataclass, field
 from http import HTTPStatus
 from urllib.parse import unquote, urlsplit
 
-import structlog
+from softswitch.logline import EventLog
 
-log = structlog.get_logger(__name__)
+log = EventLog(__name__)
 
 MAX_HEAD = 8192  # request line + header fields, bytes
 MAX_HEADERS = 100

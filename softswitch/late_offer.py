@@ -12,9 +12,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import structlog
-
 from media.sdp import OriginState, SessionDescription, rewrite
+from softswitch.logline import EventLog
 
 from .call_model import (
     COMPLETED_ELSEWHERE,
@@ -31,7 +30,7 @@ from .sip.transaction import Address, ServerTransaction
 if TYPE_CHECKING:
     from .calls import B2BUA
 
-log = structlog.get_logger("softswitch.calls")
+log = EventLog("softswitch.calls")
 
 
 def late_offer_of(

@@ -11,9 +11,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 
-import structlog
+from softswitch.logline import EventLog
 
-log = structlog.get_logger(__name__)
+log = EventLog(__name__)
 
 
 class CallState(StrEnum):

@@ -1,16 +1,23 @@
-"""The JSON text of one log event, built field by field (compiled with mypyc, D17).
+"""The per-event half of logging, compiled with mypyc (D17): the modules' loggers and the
+JSON text of one event, built field by field.
 
-Split from logs.py, which holds the structlog set-up and the writer: this part is pure string
-work done for every event, eight times per answered call, and compiled it costs a fraction of
-the same loop interpreted. The text is exactly what the structlog chain's encoder gives (same
-keys, order, escaping), which tests/unit/test_logs.py checks.
+logs.py holds the set-up (structlog, console or JSON, the line writer) and points the sink
+here at the writer. An answered call logs eight to eleven events; through structlog each
+cost a lazy proxy's `__getattr__`, a bound logger and a processor loop, all interpreted, and
+`JSONEncoder.encode`: ~17 % of the call's CPU (cProfile). `EventLog` writes the same line
+directly while the JSON chain is configured, and is an ordinary structlog logger otherwise
+(console on a TTY, tests). The text is exactly what the chain's encoder gives (same keys,
+order, escaping), which tests/unit/test_logs.py checks.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import time
 from typing import Any, Final
+
+import structlog
 
 ENCODER: Final = json.JSONEncoder(separators=(",", ":"), default=repr)
 json_str: Final = json.encoder.encode_basestring_ascii  # what ENCODER uses for str values
@@ -24,8 +31,18 @@ def ts_text() -> str:
     text may keep trailing zeros (`.250000`), but it denotes the same number, and a JSON reader
     gets the same float: both are the double nearest to microseconds / 10**6.
     """
-    us = time.time_ns() // 1000
-    return f"{us // 1_000_000}.{us % 1_000_000:06d}"
+    digits = str(time.time_ns() // 1000).zfill(7)  # `:06d` formatting cost 4,000 instructions
+    return f"{digits[:-6]}.{digits[-6:]}"
+
+
+def now_us() -> float:
+    """Seconds since the epoch to the microsecond, as a float.
+
+    `round(time.time(), 6)` did the same through two float-to-decimal conversions (round's,
+    then the encoder's repr): ~4 % of an answered call's instructions (callgrind). Integer
+    division leaves one, in the encoder.
+    """
+    return time.time_ns() // 1000 / 1e6
 
 
 # '"key":' for each field name seen: names come from the code, a few dozen in all; bounded all
@@ -54,6 +71,10 @@ def _value_text(value: Any) -> str:
         return "null"
     if kind is bool:
         return "true" if value else "false"
+    if kind is dict and all(type(k) is str for k in value):
+        return "{" + ",".join([_key_text(k) + _value_text(v) for k, v in value.items()]) + "}"
+    if isinstance(value, str):  # a StrEnum member: the encoder writes its text
+        return json_str(value)
     return ENCODER.encode(value)
 
 
@@ -67,3 +88,96 @@ def flat_line(fields: dict[str, Any], level: str) -> str:
     """
     parts = [_key_text(k) + _value_text(v) for k, v in fields.items()]
     return "{" + ",".join(parts) + f',"level":"{level}","ts":{ts_text()}}}'
+
+
+# --- where events go ----------------------------------------------------------------------------
+
+# The JSON chain's line writer (logs.LineWriter) and its level, set by `logs.configure`; while
+# the writer is None (console, tests) every event goes through structlog.
+_sink_writer: Any = None
+_sink_level: int = logging.INFO
+
+DEBUG: Final = logging.DEBUG
+INFO: Final = logging.INFO
+WARNING: Final = logging.WARNING
+ERROR: Final = logging.ERROR
+CRITICAL: Final = logging.CRITICAL
+
+
+def set_sink(writer: Any, min_level: int) -> None:
+    """Write JSON lines to `writer` (anything with `msg(str)`) from now on; None: structlog."""
+    global _sink_writer, _sink_level
+    _sink_writer = writer
+    _sink_level = min_level
+
+
+def sink() -> tuple[Any, int]:
+    """The writer (or None) and the level `set_sink` last set."""
+    return _sink_writer, _sink_level
+
+
+def write_event(
+    writer: Any, level: str, event: str, args: tuple[Any, ...], kw: dict[str, Any]
+) -> None:
+    """Render one event as the JSON chain does (`logs._stamp` then `logs._render`) and write it."""
+    kw["event"] = event % args if args else event
+    if "exc_info" in kw or "level" in kw or "ts" in kw:
+        # A traceback to format, or a field the stamp overwrites in place: the chain's steps.
+        kw["level"] = level
+        kw["ts"] = now_us()
+        fields = structlog.processors.format_exc_info(None, level, kw) if "exc_info" in kw else kw
+        writer.msg(ENCODER.encode(fields))
+    else:
+        writer.msg(flat_line(kw, level))
+
+
+class EventLog:
+    """A module's logger: `log = EventLog(__name__)`, then `log.info("event", field=value)`."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._structlog: Any = structlog.get_logger(name)
+
+    def debug(self, event: str, *args: Any, **kw: Any) -> None:
+        writer = _sink_writer
+        if writer is None:
+            self._structlog.debug(event, *args, **kw)
+        elif _sink_level <= DEBUG:
+            write_event(writer, "debug", event, args, kw)
+
+    def info(self, event: str, *args: Any, **kw: Any) -> None:
+        writer = _sink_writer
+        if writer is None:
+            self._structlog.info(event, *args, **kw)
+        elif _sink_level <= INFO:
+            write_event(writer, "info", event, args, kw)
+
+    def warning(self, event: str, *args: Any, **kw: Any) -> None:
+        writer = _sink_writer
+        if writer is None:
+            self._structlog.warning(event, *args, **kw)
+        elif _sink_level <= WARNING:
+            write_event(writer, "warning", event, args, kw)
+
+    def error(self, event: str, *args: Any, **kw: Any) -> None:
+        writer = _sink_writer
+        if writer is None:
+            self._structlog.error(event, *args, **kw)
+        elif _sink_level <= ERROR:
+            write_event(writer, "error", event, args, kw)
+
+    def critical(self, event: str, *args: Any, **kw: Any) -> None:
+        writer = _sink_writer
+        if writer is None:
+            self._structlog.critical(event, *args, **kw)
+        elif _sink_level <= CRITICAL:
+            write_event(writer, "critical", event, args, kw)
+
+    def exception(self, event: str, *args: Any, **kw: Any) -> None:
+        """An error with the exception being handled (its traceback in `exception`)."""
+        writer = _sink_writer
+        if writer is None:
+            self._structlog.exception(event, *args, **kw)
+        elif _sink_level <= ERROR:
+            kw.setdefault("exc_info", True)
+            write_event(writer, "error", event, args, kw)

@@ -15,13 +15,15 @@ import logging
 import os
 import sys
 import threading
-import time
 from collections.abc import MutableMapping
 from typing import IO, Any
 
 import structlog
 
-from softswitch.logline import ENCODER, flat_line, json_str, ts_text
+from softswitch import logline
+from softswitch.logline import ENCODER, EventLog, json_str, now_us, ts_text
+
+__all__ = ["EventLog", "LineWriter", "configure", "outcome"]
 
 _LEVELS = {
     "debug": logging.DEBUG,
@@ -31,25 +33,15 @@ _LEVELS = {
 }
 
 
-def _now_us() -> float:
-    """Seconds since the epoch to the microsecond, as a float.
-
-    `round(time.time(), 6)` did the same through two float-to-decimal conversions (round's,
-    then the encoder's repr): ~4 % of an answered call's instructions (callgrind). Integer
-    division leaves one, in the encoder.
-    """
-    return time.time_ns() // 1000 / 1e6
-
-
 def _timestamp(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
-    event["ts"] = _now_us()
+    event["ts"] = now_us()
     return event
 
 
 def _stamp(_: Any, method: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     """Level and time in one step; `exc_info` rendered only when an event carries one."""
     event["level"] = "warning" if method == "warn" else method
-    event["ts"] = _now_us()
+    event["ts"] = now_us()
     if "exc_info" in event:
         return structlog.processors.format_exc_info(_, method, event)
     return event
@@ -94,13 +86,6 @@ class LineWriter:
     fatal = failure = err = error = critical = exception = msg
 
 
-class _Direct:
-    """Where `outcome` writes when the JSON chain is configured; None: go through structlog."""
-
-    writer: LineWriter | None = None
-    min_level = logging.INFO  # the configured level: `outcome`'s and JsonLogger's threshold
-
-
 _outcome_log = structlog.get_logger("softswitch")
 
 
@@ -121,14 +106,14 @@ def outcome(
     itself (callgrind: 32,000 instructions an event, 11 % of a registration). Anywhere else
     (console on a TTY, a test that reconfigured structlog) it is an ordinary structlog event.
     """
-    writer = _Direct.writer
+    writer, min_level = logline.sink()
     if writer is None:
         extra = {"detail": detail} if detail else {}
         _outcome_log.info(
             event, method=method, status=status, call_id=call_id, user=user, peer=peer, **extra
         )
         return
-    if _Direct.min_level > logging.INFO:
+    if min_level > logging.INFO:
         return
     # The line the chain would render (same keys, same order, same escaping: json's own
     # ASCII string encoder), formatted in one f-string rather than walked by the encoder.
@@ -169,15 +154,10 @@ class JsonLogger:
         self._context: dict[str, Any] = dict(context) if context else {}
 
     def _emit(self, method: str, event: str, args: tuple[Any, ...], kw: dict[str, Any]) -> None:
-        if _LEVEL_NUMBERS[method] < _Direct.min_level:
+        if _LEVEL_NUMBERS[method] < logline.sink()[1]:
             return
         fields = {**self._context, **kw} if self._context else kw
-        fields["event"] = event % args if args else event
-        if "exc_info" in fields or "level" in fields or "ts" in fields:
-            # A traceback to format, or a field the stamp would overwrite in place.
-            self._logger.msg(_render(None, method, _stamp(None, method, fields)))
-        else:
-            self._logger.msg(flat_line(fields, method))
+        logline.write_event(self._logger, method, event, args, fields)
 
     def debug(self, event: str, *args: Any, **kw: Any) -> None:
         self._emit("debug", event, args, kw)
@@ -224,8 +204,7 @@ def configure(level: str = "info", fmt: str = "auto") -> None:
     """Set up structlog once per process; `fmt` is auto (TTY -> console), json or console."""
     use_console = fmt == "console" or (fmt == "auto" and sys.stderr.isatty())
     wrapper = structlog.make_filtering_bound_logger(_LEVELS.get(level, logging.INFO))
-    _Direct.writer = None
-    _Direct.min_level = _LEVELS.get(level, logging.INFO)
+    logline.set_sink(None, _LEVELS.get(level, logging.INFO))
     if use_console:
         structlog.configure(
             processors=[
@@ -248,4 +227,4 @@ def configure(level: str = "info", fmt: str = "auto") -> None:
         logger_factory=lambda *_: writer,
         cache_logger_on_first_use=True,
     )
-    _Direct.writer = writer
+    logline.set_sink(writer, _LEVELS.get(level, logging.INFO))

@@ -51,10 +51,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import NamedTuple
 
-import structlog
-
 from dialplan import Config, Permission
 from dialplan.routing import may_act_as
+from softswitch.logline import EventLog
 
 from .appearances import Appearance, Appearances
 from .call_model import sip_user
@@ -79,7 +78,7 @@ from .subscriptions import (
 )
 from .throttle import FailureThrottle
 
-log = structlog.get_logger("softswitch.sca")
+log = EventLog("softswitch.sca")
 
 CALL_INFO = "call-info"
 LINE_SEIZE = "line-seize"

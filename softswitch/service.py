@@ -15,10 +15,9 @@ import signal
 import time
 from pathlib import Path
 
-import structlog
-
 from dialplan import Config, ConfigError, load_config
 from media.relay import MediaManager
+from softswitch.logline import EventLog
 
 from . import logs, native
 from .call_control import CallControl
@@ -56,7 +55,7 @@ from .subscriptions import SubscriptionManager
 from .throttle import FailureThrottle
 from .transport import TcpLimits, TransportError, TransportManager
 
-log = structlog.get_logger("softswitch")
+log = EventLog("softswitch")
 
 ALLOW = "INVITE, ACK, CANCEL, BYE, OPTIONS, REGISTER, REFER, NOTIFY, SUBSCRIBE, UPDATE, INFO"
 SUPPORTED: frozenset[str] = frozenset()

@@ -31,10 +31,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-import structlog
-
 from dialplan import Config
 from dialplan.routing import lines_of
+from softswitch.logline import EventLog
 
 from .call_model import sip_user
 from .dialog_info import CONTENT_TYPE, Document, document
@@ -51,7 +50,7 @@ from .sip.transaction_layer import TransactionLayer
 from .sip.uri import Uri
 from .throttle import FailureThrottle
 
-log = structlog.get_logger("softswitch.subscriptions")
+log = EventLog("softswitch.subscriptions")
 
 PACKAGE = "dialog"
 DEFAULT_EXPIRES = 3600  # RFC 4235 §3.4

@@ -12,11 +12,10 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
-import structlog
-
 from media.errors import SdpError
 from media.negotiation import answer_from_offer
 from media.sdp import SessionDescription, parse_sdp, rewrite
+from softswitch.logline import EventLog
 
 from .call_model import (
     ALLOW,
@@ -38,7 +37,7 @@ from .sip.transaction import Address, ClientTransaction, ServerTransaction
 if TYPE_CHECKING:
     from .calls import B2BUA
 
-log = structlog.get_logger("softswitch.calls")
+log = EventLog("softswitch.calls")
 
 
 def pickup(

@@ -12,10 +12,9 @@ import contextlib
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
-import structlog
-
 from media.errors import SdpError
 from media.sdp import SessionDescription, parse_sdp, rewrite
+from softswitch.logline import EventLog
 
 from .call_model import (
     ALLOW,
@@ -37,7 +36,7 @@ from .sip.transaction import ClientTransaction, ServerTransaction
 if TYPE_CHECKING:
     from .calls import B2BUA
 
-log = structlog.get_logger("softswitch.calls")
+log = EventLog("softswitch.calls")
 
 
 def blind_transfer(

@@ -17,13 +17,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import structlog
+from softswitch.logline import EventLog
 
 from .sip.errors import ParseError
 from .sip.framing import StreamFramer
 from .sip.transaction import Address
 
-log = structlog.get_logger(__name__)
+log = EventLog(__name__)
 
 #: (message bytes, peer address, local listen address) -> None
 MessageHandler = Callable[[bytes, Address], None]

@@ -23,11 +23,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-import structlog
+from softswitch.logline import EventLog
 
 from . import BindingKey, BindingRecord
 
-log = structlog.get_logger(__name__)
+log = EventLog(__name__)
 
 T = TypeVar("T")
 _SCHEMA = """

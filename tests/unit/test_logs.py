@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import sys
 from collections.abc import Callable
@@ -64,7 +65,7 @@ def _configured_lines(level: str, emit: Callable[[], None]) -> list[dict[str, ob
     finally:
         sys.stderr = saved
         structlog.reset_defaults()
-        logs._Direct.writer = None
+        logline.set_sink(None, logging.INFO)
         if w >= 0:
             os.close(w)
         os.close(r)
@@ -144,4 +145,48 @@ def test_a_line_built_field_by_field_is_the_encoders_text() -> None:
 def test_the_time_stamp_text_is_the_microsecond_float(monkeypatch: pytest.MonkeyPatch) -> None:
     for us in (0, 1, 999_999, 1_795_821_474_727_800, 1_795_821_474_000_001):
         monkeypatch.setattr(logline.time, "time_ns", lambda us=us: us * 1000 + 999)
-        assert float(logline.ts_text()) == logs._now_us() == us / 1e6
+        assert float(logline.ts_text()) == logline.now_us() == us / 1e6
+
+
+def test_a_module_logger_writes_the_chains_line_directly() -> None:
+    """`EventLog` (what the modules log with) and the structlog chain give the same lines."""
+    odd = 'c"1\\é\x01'
+
+    def emit() -> None:
+        chain = structlog.get_logger("softswitch.test")
+        log = logline.EventLog("softswitch.test")
+        for logger in (chain, log):
+            logger.debug("not_written")
+            logger.info("plain", call_id=odd, n=3, ok=True, none=None)
+            logger.warning("formatted %s", "x", line="1001")
+            logger.info("stamped", level="custom")
+            try:
+                raise ValueError("boom")
+            except ValueError:
+                logger.exception("failed", user="1001")
+
+    lines = _configured_lines("info", emit)
+    assert len(lines) == 8
+    chained, direct = lines[:4], lines[4:]
+    for a, b in zip(chained, direct, strict=True):
+        assert list(a) == list(b)  # same keys in the same order
+        assert {k: v for k, v in a.items() if k != "ts"} == {
+            k: v for k, v in b.items() if k != "ts"
+        }
+    assert direct[1]["event"] == "formatted x" and direct[3]["level"] == "error"
+    assert "ValueError: boom" in direct[3]["exception"]
+
+
+def test_a_module_logger_goes_through_structlog_when_no_json_sink_is_set() -> None:
+    seen: list[dict[str, object]] = []
+
+    def keep(_: object, __: str, event: dict[str, object]) -> str:
+        seen.append(dict(event))
+        raise structlog.DropEvent
+
+    structlog.configure(processors=[keep])
+    try:
+        logline.EventLog("softswitch.test").info("via_structlog", line="1001")
+    finally:
+        structlog.reset_defaults()
+    assert seen == [{"event": "via_structlog", "line": "1001"}]
