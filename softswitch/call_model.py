@@ -239,7 +239,7 @@ class LineRef:
         object.__setattr__(self, "remote_name", remote_name)
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, init=False)
 class Call:
     """One B2BUA call."""
 
@@ -270,6 +270,43 @@ class Call:
     outstanding: int = 0  # forks not yet finished (including delayed ones not yet sent)
     late: bool = False  # the caller's INVITE had no SDP: the offer comes in the callee's 2xx
     awaited: AwaitedAck | None = None  # the last offer made in a 2xx, answered in an ACK
+
+    def __init__(
+        self,
+        id: str,
+        *,
+        lines: list[LineRef] | None = None,
+        offer: SessionDescription | None = None,
+    ) -> None:
+        # Written out so that mypyc compiles it (docs/decisions.md, D18); the B2BUA sets
+        # everything else after construction.
+        self.id = id
+        self.a = None
+        self.forks = []
+        self.b = None
+        self.lines = lines if lines is not None else []
+        self.started_at = time.time()
+        self.offer = offer
+        self.a_media = None
+        self.b_media = None
+        self.bridge = None
+        self.ended = False
+        self.b_call_id = ""
+        self.b_from = ""
+        self.b_from_tag = new_tag()
+        self.extra_headers = []
+        self.bye_from = None
+        self.ids = set()
+        self.fork_origin = OriginState()
+        self.fork_body = None
+        self.fork_template = None
+        self.transfer = None
+        self.held_by = None
+        self.private = False
+        self.failures = []
+        self.outstanding = 0
+        self.late = False
+        self.awaited = None
 
 
 Entry = tuple[str, str, str]
