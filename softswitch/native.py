@@ -59,6 +59,8 @@ _MEDIA = [
     "media/bridge.py",
     "media/endpoint.py",
     "media/poller.py",
+    "media/ports.py",
+    "media/relay.py",
 ]
 
 _CALLS = [

@@ -596,7 +596,7 @@ def test_out_of_descriptors_is_ports_exhausted_and_blames_no_port(run: Run) -> N
         def no_fds(port: int) -> socket.socket:
             raise OSError(errno.EMFILE, "Too many open files")
 
-        manager._bind = no_fds  # type: ignore[method-assign]
+        manager.open_socket = no_fds
         with pytest.raises(PortsExhausted, match="Too many open files"):
             await manager.allocate_endpoint()
         assert manager.ports.free == free and manager.ports.bind_failures == 0
