@@ -66,7 +66,7 @@ def _value_text(value: Any) -> str:
     if kind is str:
         return json_str(value)
     if kind is int:
-        return int.__repr__(value)
+        return str(value)  # exactly int: no IntEnum, whose str() is its name
     if value is None:
         return "null"
     if kind is bool:
