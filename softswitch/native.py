@@ -50,6 +50,7 @@ _CORE = [
     "softswitch/store/records.py",
     "softswitch/subscriptions.py",
     "softswitch/throttle.py",
+    "softswitch/udp.py",
     "media/negotiation.py",
     "media/ptmap.py",
     "media/sdp.py",

@@ -11,7 +11,7 @@ from softswitch.overload import StaleFilter, Verdict
 from softswitch.service import Service
 from softswitch.sip.errorreply import error_response
 from softswitch.sip.transaction import Address
-from softswitch.transport import UdpEndpoint, _udp_socket
+from softswitch.udp import UdpEndpoint, udp_socket
 
 from .test_service_register import service  # noqa: F401 (a fixture)
 
@@ -96,7 +96,7 @@ async def test_udp_endpoint_hands_over_datagrams_with_their_age() -> None:
 
     ahead = 1.0e12  # the year 33,000: later than any kernel stamp this test can see
     endpoint = UdpEndpoint(
-        _udp_socket("127.0.0.1", 0),
+        udp_socket("127.0.0.1", 0),
         lambda d, a: received.append((d, a)),
         65535,
         admit,
@@ -129,7 +129,7 @@ async def test_udp_endpoint_hands_over_datagrams_with_their_age() -> None:
 
 async def test_udp_endpoint_drops_oversized_datagrams() -> None:
     received: list[bytes] = []
-    endpoint = UdpEndpoint(_udp_socket("127.0.0.1", 0), lambda d, a: received.append(d), 1024)
+    endpoint = UdpEndpoint(udp_socket("127.0.0.1", 0), lambda d, a: received.append(d), 1024)
     port = endpoint.sock.getsockname()[1]
     sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:
