@@ -18,7 +18,7 @@ import asyncio
 import select
 from collections import deque
 from collections.abc import Callable
-from typing import Final
+from typing import Any, Final, cast
 
 BATCH: Final = 256
 """Ready sockets handled per loop callback: ~2.5 ms of relaying, then signalling gets a turn."""
@@ -67,7 +67,7 @@ class Poller:
     def remove(self, fd: int) -> None:
         """Stop watching `fd`; call it before closing the socket. Idempotent."""
         if self._epoll is None:
-            self._loop.remove_reader(fd)
+            cast(Any, self._loop).remove_reader(fd)  # uvloop returns None, not a bool
         elif fd < len(self._handlers) and self._handlers[fd] is not None:
             self._handlers[fd] = self._drainers[fd] = None
             self._epoll.unregister(fd)
@@ -92,7 +92,7 @@ class Poller:
             self._later_handle = None
         self._later.clear()
         if self._epoll is not None:
-            self._loop.remove_reader(self._epoll.fileno())
+            cast(Any, self._loop).remove_reader(self._epoll.fileno())  # None under uvloop
             self._epoll.close()
             self._handlers.clear()
 

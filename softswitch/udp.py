@@ -14,6 +14,7 @@ import struct
 import sys
 import time
 from collections.abc import Callable
+from typing import Any, cast
 
 from softswitch.logline import EventLog
 
@@ -98,7 +99,9 @@ class UdpEndpoint:
 
     def close(self) -> None:
         if self._loop is not None:
-            self._loop.remove_reader(self.sock.fileno())
+            # Through Any: uvloop's remove_reader returns None where asyncio's (and typeshed)
+            # return a bool, and compiled code checks the declared type of what a call returns.
+            cast(Any, self._loop).remove_reader(self.sock.fileno())
             self._loop = None
         self.sock.close()
 

@@ -219,3 +219,17 @@ def test_the_ack_for_our_503_is_dropped_unread() -> None:
     assert f.judge(ack, 0.0) is Verdict.DROP
     other = ack.replace(b"branch=z9hG4bK-1", b"branch=z9hG4bK-9")
     assert f.judge(other, 5.0) is Verdict.ADMIT
+
+
+def test_udp_endpoint_starts_and_closes_on_uvloop() -> None:
+    """The service runs on uvloop, whose remove_reader returns None (asyncio's: a bool); the
+    compiled endpoint once raised TypeError on it at shutdown (SIGTERM then exited 1)."""
+    uvloop = pytest.importorskip("uvloop")
+
+    async def scenario() -> None:
+        endpoint = UdpEndpoint(udp_socket("127.0.0.1", 0), lambda d, a: None, 1024)
+        endpoint.start(asyncio.get_running_loop())
+        endpoint.close()
+        assert endpoint.sock.fileno() == -1
+
+    uvloop.run(scenario())
