@@ -18,14 +18,21 @@ class Role(StrEnum):
     DELEGATE = "delegate"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, init=False)
 class RingTarget:
     extension: str
     role: Role
     delay: int = 0  # seconds after the call starts ringing
 
+    def __init__(self, extension: str, role: Role, delay: int = 0) -> None:
+        # Written out so that mypyc compiles it (docs/decisions.md, D18): one per delegate
+        # per call.
+        object.__setattr__(self, "extension", extension)
+        object.__setattr__(self, "role", role)
+        object.__setattr__(self, "delay", delay)
 
-@dataclass(frozen=True, slots=True)
+
+@dataclass(frozen=True, slots=True, init=False)
 class CallRoute:
     """Ring `targets` for the line of `line` (the dialled user's extension)."""
 
@@ -34,6 +41,20 @@ class CallRoute:
     targets: tuple[RingTarget, ...]
     ring_time: int
     shared: bool  # True when delegates ring too: phones should show the line
+
+    def __init__(
+        self,
+        line: str,
+        line_name: str,
+        targets: tuple[RingTarget, ...],
+        ring_time: int,
+        shared: bool,
+    ) -> None:
+        object.__setattr__(self, "line", line)
+        object.__setattr__(self, "line_name", line_name)
+        object.__setattr__(self, "targets", targets)
+        object.__setattr__(self, "ring_time", ring_time)
+        object.__setattr__(self, "shared", shared)
 
 
 @dataclass(frozen=True, slots=True)

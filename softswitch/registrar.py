@@ -99,6 +99,8 @@ class Bindings:
         if not found:
             return []
         live = [b for b in found.values() if b.expires_at > now]
+        if len(live) < 2:  # most AoRs have one phone: nothing to order
+            return live
         return sorted(live, key=lambda b: (-(b.q or 0.0), -b.expires_at))
 
     def get(self, aor: str, key: str) -> BindingRecord | None:
