@@ -73,10 +73,10 @@ async def make(tmp_path: Path) -> tuple[CallControl, list[Response], SqliteStore
 
     cc = CallControl(
         TransactionLayer(),
-        None,
+        None,  # type: ignore[arg-type]  # no call reaches the B2BUA in these tests
         setup,
         store,
-        FailureThrottle(),  # type: ignore[arg-type]
+        FailureThrottle(),
         respond,
         cfg,
     )

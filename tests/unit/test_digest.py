@@ -9,6 +9,7 @@ import pytest
 
 from softswitch.sip.digest import (
     Algorithm,
+    Credentials,
     DigestAuthenticator,
     DigestResponse,
     Verdict,
@@ -49,12 +50,12 @@ def answer(
 
 
 @pytest.fixture
-def alice() -> object:
+def alice() -> Credentials:
     return credentials_for("1001", "secret1", REALM, (Algorithm.SHA256, Algorithm.MD5))
 
 
 @pytest.mark.parametrize("algorithm", [Algorithm.MD5, Algorithm.SHA256])
-def test_correct_password_is_accepted(alice, algorithm) -> None:
+def test_correct_password_is_accepted(alice: Credentials, algorithm: Algorithm) -> None:
     auth = make_auth()
     assert auth.verify(answer(auth, NOW, algorithm=algorithm), "REGISTER", alice, NOW) is Verdict.OK
 
@@ -75,27 +76,27 @@ def test_rfc2617_md5_vector() -> None:
     assert resp == "6629fae49393a05397450978507c4ef1"
 
 
-def test_wrong_password_and_unknown_user_fail_alike(alice) -> None:
+def test_wrong_password_and_unknown_user_fail_alike(alice: Credentials) -> None:
     auth = make_auth()
     assert auth.verify(answer(auth, NOW, password="nope"), "REGISTER", alice, NOW) is Verdict.FAILED
     unknown = answer(auth, NOW, username="9999")
     assert auth.verify(unknown, "REGISTER", None, NOW) is Verdict.FAILED
 
 
-def test_old_nonce_is_stale_not_failed(alice) -> None:
+def test_old_nonce_is_stale_not_failed(alice: Credentials) -> None:
     auth = make_auth()
     cred = answer(auth, NOW)
     assert auth.verify(cred, "REGISTER", alice, NOW + 301) is Verdict.STALE
 
 
-def test_nonce_from_another_process_is_stale(alice) -> None:
+def test_nonce_from_another_process_is_stale(alice: Credentials) -> None:
     other = DigestAuthenticator(REALM, secret=b"x" * 32)
     auth = make_auth()
     cred = answer(auth, NOW, nonce=other.new_nonce(NOW))
     assert auth.verify(cred, "REGISTER", alice, NOW) is Verdict.STALE
 
 
-def test_nonce_count_replay_is_refused(alice) -> None:
+def test_nonce_count_replay_is_refused(alice: Credentials) -> None:
     auth = make_auth()
     nonce = auth.new_nonce(NOW)
     first = answer(auth, NOW, nonce=nonce, nc="00000001")
@@ -105,7 +106,7 @@ def test_nonce_count_replay_is_refused(alice) -> None:
     assert auth.verify(second, "REGISTER", alice, NOW + 1) is Verdict.OK
 
 
-def test_missing_qop_or_foreign_realm_is_malformed(alice) -> None:
+def test_missing_qop_or_foreign_realm_is_malformed(alice: Credentials) -> None:
     auth = make_auth()
     cred = answer(auth, NOW)
     no_qop = DigestResponse(
@@ -126,7 +127,7 @@ def test_missing_qop_or_foreign_realm_is_malformed(alice) -> None:
     assert auth.verify(foreign, "REGISTER", alice, NOW) is Verdict.MALFORMED
 
 
-def test_algorithm_not_offered_is_malformed(alice) -> None:
+def test_algorithm_not_offered_is_malformed(alice: Credentials) -> None:
     auth = make_auth(Algorithm.MD5)
     assert (
         auth.verify(answer(auth, NOW, algorithm=Algorithm.SHA256), "REGISTER", alice, NOW)
@@ -168,7 +169,7 @@ def test_parse_authorization_rejects_malformed(value: str) -> None:
         parse_authorization(value)
 
 
-def test_nonce_tracking_is_bounded(alice) -> None:
+def test_nonce_tracking_is_bounded(alice: Credentials) -> None:
     auth = DigestAuthenticator(REALM, secret=b"k" * 32, max_tracked_nonces=10)
     for i in range(50):
         assert auth.verify(answer(auth, NOW + i), "REGISTER", alice, NOW + i) is Verdict.OK

@@ -56,6 +56,7 @@ async def answered(rig: Rig, n_targets: int = 1, winner: int = 0) -> Response:
         rig.answer(phone, 180, f"t{i}")
     rig.answer(PHONES[winner], 200, f"t{winner}", SDP_B)
     (ok,) = rig.take(CALLER, "200")
+    assert isinstance(ok, Response)
     return ok
 
 

@@ -7,7 +7,9 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Callable
+import time
+from collections.abc import Callable, MutableMapping
+from typing import Any
 
 import pytest
 import structlog
@@ -114,7 +116,7 @@ def test_the_json_logger_honours_level_bind_and_exceptions() -> None:
     assert plain["event"] == "plain" and plain["level"] == "info" and plain["call_id"] == "c1"
     assert bound["line"] == "1001" and bound["party"] == "1002" and bound["level"] == "warning"
     assert warned["level"] == "warning"
-    assert failed["level"] == "error" and "ValueError: boom" in failed["exception"]
+    assert failed["level"] == "error" and "ValueError: boom" in str(failed["exception"])
     assert "exc_info" not in failed
 
 
@@ -144,7 +146,7 @@ def test_a_line_built_field_by_field_is_the_encoders_text() -> None:
 
 def test_the_time_stamp_text_is_the_microsecond_float(monkeypatch: pytest.MonkeyPatch) -> None:
     for us in (0, 1, 999_999, 1_795_821_474_727_800, 1_795_821_474_000_001):
-        monkeypatch.setattr(logline.time, "time_ns", lambda us=us: us * 1000 + 999)
+        monkeypatch.setattr(time, "time_ns", lambda us=us: us * 1000 + 999)
         assert float(logline.ts_text()) == logline.now_us() == us / 1e6
 
 
@@ -174,13 +176,13 @@ def test_a_module_logger_writes_the_chains_line_directly() -> None:
             k: v for k, v in b.items() if k != "ts"
         }
     assert direct[1]["event"] == "formatted x" and direct[3]["level"] == "error"
-    assert "ValueError: boom" in direct[3]["exception"]
+    assert "ValueError: boom" in str(direct[3]["exception"])
 
 
 def test_a_module_logger_goes_through_structlog_when_no_json_sink_is_set() -> None:
     seen: list[dict[str, object]] = []
 
-    def keep(_: object, __: str, event: dict[str, object]) -> str:
+    def keep(_: Any, __: str, event: MutableMapping[str, Any]) -> str:
         seen.append(dict(event))
         raise structlog.DropEvent
 
