@@ -46,6 +46,7 @@ from .harness.service import (
 )
 from .harness.sipclient import Registrar, SipCaller, SipClient, SipMessage
 from .harness.sipp import SippProcess, register_sipp, start_sipp
+from .harness.waiting import eventually
 
 pytestmark = pytest.mark.e2e
 
@@ -257,23 +258,8 @@ def wait_ports_free(ports: list[int], timeout: float = 3.0) -> list[int]:
 
 def wait_rtp_stats(phone: Baresip, timeout: float = 5.0) -> tuple[int, int]:
     """(sent, received) RTP packets of the phone's last call; printed just after it ends."""
-    deadline = time.monotonic() + timeout
-    while not (stats := phone.rtp_stats()):
-        assert time.monotonic() < deadline, f"{phone.config.user}: no RTP statistics in its log"
-        time.sleep(0.1)
+    stats = eventually(phone.rtp_stats, f"{phone.config.user}: RTP statistics in its log", timeout)
     return stats[-1]
-
-
-def eventually(check: Callable[[], T | None], what: str, timeout: float = 5.0) -> T:
-    """Poll ``check`` until it returns something truthy (a phone's log is written a moment
-    after the ctrl_tcp event that made us look)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
 
 
 def in_log(phone: Baresip, text: str) -> None:

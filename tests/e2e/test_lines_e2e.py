@@ -62,6 +62,7 @@ from .harness.service import (
 )
 from .harness.sipclient import SipMessage, offer_sdp
 from .harness.sipp import SippProcess, start_sipp
+from .harness.waiting import eventually
 
 pytestmark = pytest.mark.e2e
 
@@ -326,17 +327,6 @@ def wait_for_event(
                 return obj
         if time.monotonic() >= deadline:
             raise AssertionError(f"no {event} {fields} in the service log\n{svc.log_tail()}")
-        time.sleep(0.1)
-
-
-def eventually(check: Callable[[], T | None], what: str, timeout: float = 5.0) -> T:
-    """Poll ``check`` until it returns something truthy (logs are written a moment late)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.1)
 
 

@@ -17,7 +17,6 @@ reads every message back from the SIPp traces and checks what each phone was tol
 from __future__ import annotations
 
 import re
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from typing import Any
 import pytest
 
 from .conftest import attach_diagnostics
+from .harness import waiting
 from .harness.ports import LOOPBACK, free_udp_range
 from .harness.service import (
     ServiceConfig,
@@ -176,11 +176,7 @@ def trace(run: SippProcess, direction: str = "received") -> list[SipMessage]:
 
 
 def eventually(check: Callable[[], Any], what: str, timeout: float = 10.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while not (value := check()):
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
-    return value
+    return waiting.eventually(check, what, timeout, interval=0.05)
 
 
 def timeline(run: SippProcess) -> list[tuple[str, SipMessage]]:
