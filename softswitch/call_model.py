@@ -19,6 +19,7 @@ from media.sdp import OriginState, SessionDescription, parse_sdp
 from .lines import Direction
 from .sip.dialog import Dialog, new_tag
 from .sip.message import Request
+from .sip.syntax import ParseCache
 from .sip.transaction import Address, ClientTransaction, ServerTransaction
 from .sip.uri import SipUri
 
@@ -392,22 +393,18 @@ def sendrecv(desc: SessionDescription) -> SessionDescription:
 
 def contact_dest(source: str) -> Address:
     """A binding's stored source ("udp:127.0.0.1:5090", "udp:::1:5090") as an Address."""
-    dest = _DESTS.get(source)
-    if dest is None:
-        transport, _, rest = source.partition(":")
-        host, _, port = rest.rpartition(":")
-        dest = Address(transport, host, int(port))
-        if len(_DESTS) >= _DESTS_MAX:
-            _DESTS.clear()
-        _DESTS[source] = dest
-    return dest
+    return _DESTS(source)
 
 
-# The Addresses of binding sources: a fork to 16 phones reads 16 of them per call, the same
-# ones all day, and building a NamedTuple runs its interpreted __new__ (~2,400 instructions).
-# Emptied when full, like the parse caches.
-_DESTS: dict[str, Address] = {}
-_DESTS_MAX = 4096
+def _parse_dest(source: str) -> Address:
+    transport, _, rest = source.partition(":")
+    host, _, port = rest.rpartition(":")
+    return Address(transport, host, int(port))
+
+
+# A fork to 16 phones reads 16 binding sources per call, the same ones all day, and building
+# a NamedTuple runs its interpreted __new__ (~2,400 instructions).
+_DESTS: ParseCache[str, Address] = ParseCache(_parse_dest, 4096)
 
 
 def sip_user(uri: object) -> str | None:

@@ -18,6 +18,7 @@ from typing import Any, cast
 
 from softswitch.logline import EventLog
 
+from .sip.syntax import ParseCache
 from .sip.transaction import Address
 
 log = EventLog("softswitch.transport")
@@ -169,18 +170,11 @@ def _enable_timestamps(sock: socket.socket) -> bool:
     return True
 
 
+def _parse_peer(addr: tuple[str | int, ...]) -> Address:
+    return Address("udp", str(addr[0]), int(addr[1]))
+
+
 # Peers' Addresses by the socket address recvmsg gives: phones and proxies send from the same
 # few addresses all day, and a NamedTuple's __new__ is interpreted (~2,400 instructions a
 # datagram). Emptied when full, so a scan from many addresses cannot grow it.
-_PEERS: dict[tuple[str | int, ...], Address] = {}
-_PEERS_MAX = 4096
-
-
-def _peer(addr: tuple[str | int, ...]) -> Address:
-    peer = _PEERS.get(addr)
-    if peer is None:
-        peer = Address("udp", str(addr[0]), int(addr[1]))
-        if len(_PEERS) >= _PEERS_MAX:
-            _PEERS.clear()
-        _PEERS[addr] = peer
-    return peer
+_peer: ParseCache[tuple[str | int, ...], Address] = ParseCache(_parse_peer, 4096)

@@ -539,8 +539,8 @@ def _name_addr_error(s: str, text: str) -> ParseError:
     return ParseError(f"invalid URI in {text!r}")
 
 
-_VIAS: ParseCache[Via] = ParseCache(_parse_via, _VIAS_MAX)
-_NAME_ADDRS: ParseCache[NameAddr] = ParseCache(_parse_name_addr, _NAME_ADDRS_MAX)
+_VIAS: ParseCache[str, Via] = ParseCache(_parse_via, _VIAS_MAX)
+_NAME_ADDRS: ParseCache[str, NameAddr] = ParseCache(_parse_name_addr, _NAME_ADDRS_MAX)
 
 
 def parse_name_addr_list(values: list[str]) -> list[NameAddr]:

@@ -7,12 +7,13 @@ most of its cost is in scanning for separators that may hide inside quoted strin
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from typing import Generic, TypeVar
 
 from .errors import ParseError
 
 T = TypeVar("T")
+K = TypeVar("K", bound=Hashable)
 
 _TOKEN = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-.!%*_+`'~"
 #: token = 1*(alphanum / "-" / "." / "!" / "%" / "*" / "_" / "+" / "`" / "'" / "~")
@@ -196,23 +197,24 @@ def find_param(
     return False, None
 
 
-class ParseCache(Generic[T]):
+class ParseCache(Generic[K, T]):
     """Successful parses of header values and URIs by their text, emptied when full.
 
     The same few strings come back all day (a phone's Contact on every refresh, a user's AoR in
     From and To, our own Via in the responses to our requests), and parsed values are frozen, so
     a hit can be shared. Failures are not kept. Emptying a full cache bounds it without the
-    bookkeeping of an LRU.
+    bookkeeping of an LRU. The key is usually the text; peers' socket addresses (tuples) are
+    turned into `Address`es the same way.
     """
 
     __slots__ = ("_items", "_limit", "_parse")
 
-    def __init__(self, parse: Callable[[str], T], limit: int) -> None:
-        self._items: dict[str, T] = {}
+    def __init__(self, parse: Callable[[K], T], limit: int) -> None:
+        self._items: dict[K, T] = {}
         self._parse = parse
         self._limit = limit
 
-    def __call__(self, text: str) -> T:
+    def __call__(self, text: K) -> T:
         value = self._items.get(text)
         if value is None:
             value = self._parse(text)

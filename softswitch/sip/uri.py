@@ -337,4 +337,4 @@ def _parse_tel(rest: str, text: str) -> TelUri:
     return TelUri(number, params)
 
 
-_CACHE: ParseCache[Uri] = ParseCache(_parse_uri, 4096)
+_CACHE: ParseCache[str, Uri] = ParseCache(_parse_uri, 4096)
