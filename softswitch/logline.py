@@ -138,46 +138,62 @@ class EventLog:
         self.name = name
         self._structlog: Any = structlog.get_logger(name)
 
-    def debug(self, event: str, *args: Any, **kw: Any) -> None:
+    def _log(
+        self, method: str, level: int, event: str, args: tuple[Any, ...], kw: dict[str, Any]
+    ) -> None:
         writer = _sink_writer
         if writer is None:
-            self._structlog.debug(event, *args, **kw)
-        elif _sink_level <= DEBUG:
-            write_event(writer, "debug", event, args, kw)
+            getattr(self._structlog, method)(event, *args, **kw)
+        elif _sink_level <= level:
+            if method == "exception":  # an error with the exception being handled
+                kw.setdefault("exc_info", True)
+                method = "error"
+            write_event(writer, method, event, args, kw)
+
+    def debug(self, event: str, *args: Any, **kw: Any) -> None:
+        self._log("debug", DEBUG, event, args, kw)
 
     def info(self, event: str, *args: Any, **kw: Any) -> None:
-        writer = _sink_writer
-        if writer is None:
-            self._structlog.info(event, *args, **kw)
-        elif _sink_level <= INFO:
-            write_event(writer, "info", event, args, kw)
+        self._log("info", INFO, event, args, kw)
 
     def warning(self, event: str, *args: Any, **kw: Any) -> None:
-        writer = _sink_writer
-        if writer is None:
-            self._structlog.warning(event, *args, **kw)
-        elif _sink_level <= WARNING:
-            write_event(writer, "warning", event, args, kw)
+        self._log("warning", WARNING, event, args, kw)
 
     def error(self, event: str, *args: Any, **kw: Any) -> None:
-        writer = _sink_writer
-        if writer is None:
-            self._structlog.error(event, *args, **kw)
-        elif _sink_level <= ERROR:
-            write_event(writer, "error", event, args, kw)
+        self._log("error", ERROR, event, args, kw)
 
     def critical(self, event: str, *args: Any, **kw: Any) -> None:
-        writer = _sink_writer
-        if writer is None:
-            self._structlog.critical(event, *args, **kw)
-        elif _sink_level <= CRITICAL:
-            write_event(writer, "critical", event, args, kw)
+        self._log("critical", CRITICAL, event, args, kw)
 
     def exception(self, event: str, *args: Any, **kw: Any) -> None:
         """An error with the exception being handled (its traceback in `exception`)."""
-        writer = _sink_writer
-        if writer is None:
-            self._structlog.exception(event, *args, **kw)
-        elif _sink_level <= ERROR:
-            kw.setdefault("exc_info", True)
-            write_event(writer, "error", event, args, kw)
+        self._log("exception", ERROR, event, args, kw)
+
+
+_outcome_log = EventLog("softswitch")
+
+
+def outcome(
+    event: str,
+    method: str,
+    status: int,
+    call_id: str,
+    user: str | None,
+    peer: str,
+    detail: str | None = None,
+) -> None:
+    """The one event per SIP transaction outcome (issue 2): thousands a second under load.
+
+    Its fields in a fixed order (`detail` only when there is one), written like every other
+    event; compiled, and handed to the logger without a keyword splat.
+    """
+    fields: dict[str, Any] = {
+        "method": method,
+        "status": status,
+        "call_id": call_id,
+        "user": user,
+        "peer": peer,
+    }
+    if detail:
+        fields["detail"] = detail
+    _outcome_log._log("info", INFO, event, (), fields)

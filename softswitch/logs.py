@@ -21,7 +21,7 @@ from typing import IO, Any
 import structlog
 
 from softswitch import logline
-from softswitch.logline import ENCODER, EventLog, json_str, now_us, ts_text
+from softswitch.logline import ENCODER, EventLog, now_us, outcome
 
 __all__ = ["EventLog", "LineWriter", "configure", "outcome"]
 
@@ -84,46 +84,6 @@ class LineWriter:
 
     log = debug = info = warn = warning = msg
     fatal = failure = err = error = critical = exception = msg
-
-
-_outcome_log = structlog.get_logger("softswitch")
-
-
-def outcome(
-    event: str,
-    method: str,
-    status: int,
-    call_id: str,
-    user: str | None,
-    peer: str,
-    detail: str | None = None,
-) -> None:
-    """The one event per SIP transaction outcome (issue 2): thousands a second under load.
-
-    With the JSON chain (production) the line is built and written here: the same fields,
-    level and time stamp the chain gives, without structlog's per-call work (bound-logger
-    dispatch, keyword dict, context copy, processor loop), which cost more than the encoding
-    itself (callgrind: 32,000 instructions an event, 11 % of a registration). Anywhere else
-    (console on a TTY, a test that reconfigured structlog) it is an ordinary structlog event.
-    """
-    writer, min_level = logline.sink()
-    if writer is None:
-        extra = {"detail": detail} if detail else {}
-        _outcome_log.info(
-            event, method=method, status=status, call_id=call_id, user=user, peer=peer, **extra
-        )
-        return
-    if min_level > logging.INFO:
-        return
-    # The line the chain would render (same keys, same order, same escaping: json's own
-    # ASCII string encoder), formatted in one f-string rather than walked by the encoder.
-    user_text = "null" if user is None else json_str(user)
-    detail_text = f',"detail":{json_str(detail)}' if detail else ""
-    writer.msg(
-        f'{{"method":{json_str(method)},"status":{status:d},"call_id":{json_str(call_id)},'
-        f'"user":{user_text},"peer":{json_str(peer)}{detail_text},"event":{json_str(event)},'
-        f'"level":"info","ts":{ts_text()}}}'
-    )
 
 
 _LEVEL_NUMBERS = {
