@@ -25,11 +25,13 @@ from softswitch.logline import ENCODER, EventLog, now_us, outcome
 
 __all__ = ["EventLog", "LineWriter", "configure", "outcome"]
 
+# Level names (the config's `log.level`, and the logger methods) -> logging's numbers.
 _LEVELS = {
     "debug": logging.DEBUG,
     "info": logging.INFO,
     "warning": logging.WARNING,
     "error": logging.ERROR,
+    "critical": logging.CRITICAL,
 }
 
 
@@ -86,14 +88,6 @@ class LineWriter:
     fatal = failure = err = error = critical = exception = msg
 
 
-_LEVEL_NUMBERS = {
-    "debug": logging.DEBUG,
-    "info": logging.INFO,
-    "warning": logging.WARNING,
-    "error": logging.ERROR,
-    "critical": logging.CRITICAL,
-}
-
 
 class JsonLogger:
     """The bound logger of the JSON chain: `_stamp`, `_render` and one write, inline.
@@ -114,7 +108,7 @@ class JsonLogger:
         self._context: dict[str, Any] = dict(context) if context else {}
 
     def _emit(self, method: str, event: str, args: tuple[Any, ...], kw: dict[str, Any]) -> None:
-        if _LEVEL_NUMBERS[method] < logline.sink()[1]:
+        if _LEVELS[method] < logline.sink()[1]:
             return
         fields = {**self._context, **kw} if self._context else kw
         logline.write_event(self._logger, method, event, args, fields)
