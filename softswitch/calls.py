@@ -50,7 +50,8 @@ from .call_model import (
 )
 from .lines import CallState, Direction, LineBus, LineEvent
 from .sip.dialog import Dialog, new_call_id, new_tag
-from .sip.headers import CSeq, Headers, Via, entry
+from .sip.errors import LocalProtocolError
+from .sip.headers import CSeq, Headers, Via, entry, render_entries
 from .sip.message import Request, Response
 from .sip.transaction import Address, ClientTransaction, ServerTransaction
 from .sip.transaction_layer import TransactionLayer
@@ -318,19 +319,33 @@ class B2BUA:
         )
         leg.identity = target.party
         via_text, via = self._via_parts(target.dest)
-        items = [
-            ("via", "Via", via_text),
-            *template.head,
-            ("to", "To", target.to or f"<{target.uri}>"),
-            *template.middle,
-            ("contact", "Contact", self._contact(target.dest)),
-            *template.common,
-            *(entry(name, value) for name, value in target.headers),
-        ]
+        to = target.to or f"<{target.uri}>"
+        contact = self._contact(target.dest)
+        own = [entry(name, value) for name, value in target.headers]
         if self.fork_headers is not None:
-            items += [entry(name, value) for name, value in self.fork_headers(call, target)]
-        items += template.tail
-        headers = Headers(items)
+            own += [entry(name, value) for name, value in self.fork_headers(call, target)]
+        headers = Headers(
+            [
+                ("via", "Via", via_text),
+                *template.head,
+                ("to", "To", to),
+                *template.middle,
+                ("contact", "Contact", contact),
+                *template.common,
+                *own,
+                *template.tail,
+            ]
+        )
+        # The same fields rendered from the template's texts; Via and Contact are ours, To
+        # and the fork's own fields are checked here (`render_entries` checks `own`).
+        if "\n" in to or "\r" in to:
+            raise LocalProtocolError("CR or LF inside a fork's To")
+        own_text = render_entries(own) if own else ""
+        headers.set_wire(  # one f-string: one allocation, where `+` copies at every step
+            f"Via: {via_text}\r\n{template.head_text}To: {to}\r\n{template.middle_text}"
+            f"Contact: {contact}\r\n{template.common_text}{own_text}{template.tail_text}",
+            len(call.fork_body),
+        )
         headers.prime("via", [via])
         headers.prime("cseq", _INVITE_CSEQ)
         req = Request("INVITE", parse_uri(target.uri), headers, call.fork_body)
@@ -351,6 +366,8 @@ class B2BUA:
         tail: tuple[Entry, ...] = (entry("Allow", ALLOW),)
         if not call.late:  # a late offer's forks have no body to type
             tail += (entry("Content-Type", "application/sdp"),)
+        body = call.fork_body
+        tail += (entry("Content-Length", str(len(body) if body is not None else 0)),)
         return ForkTemplate(
             head=(entry("Max-Forwards", "70"), entry("From", from_value)),
             middle=(entry("Call-ID", call.b_call_id), entry("CSeq", "1 INVITE")),

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from urllib.parse import unquote as _pct_unquote
 
 from .errors import ParseError
@@ -78,6 +78,9 @@ class SipUri:
     params: tuple[tuple[str, str | None], ...] = ()
     headers: str | None = None
     scheme: str = "sip"
+    # `str(self)`, kept: a parsed URI is cached and shared (`parse_uri`), and every request
+    # we send renders its Request-URI.
+    _text: str | None = field(default=None, init=False, repr=False, compare=False)
 
     def __init__(
         self,
@@ -97,8 +100,16 @@ class SipUri:
         object.__setattr__(self, "params", params)
         object.__setattr__(self, "headers", headers)
         object.__setattr__(self, "scheme", scheme)
+        object.__setattr__(self, "_text", None)
 
     def __str__(self) -> str:
+        text = self._text
+        if text is None:
+            text = self._render()
+            object.__setattr__(self, "_text", text)
+        return text
+
+    def _render(self) -> str:
         out = [self.scheme, ":"]
         if self.user is not None:
             out.append(self.user)

@@ -17,6 +17,8 @@ from media.ptmap import PtMaps
 from softswitch.call_model import ForkTarget, LineRef
 from softswitch.calls import B2BUA
 from softswitch.lines import CallState, Direction, LineBus, LineEvent
+from softswitch.sip.errors import LocalProtocolError
+from softswitch.sip.headers import Headers
 from softswitch.sip.message import Request, Response, parse_message
 from softswitch.sip.transaction import Address, ClientTransaction
 from softswitch.sip.transaction_layer import (
@@ -177,6 +179,8 @@ class Rig:
         caller: Address = CALLER,
         phones: list[Address] | None = None,
         body: bytes = SDP,
+        targets: list[ForkTarget] | None = None,
+        caller_pai: str | None = None,
     ) -> tuple[Any, Coroutine[Any, Any, None] | None]:
         """`invite` up to `B2BUA.begin_call`: the transaction and what is left to await."""
         ctype = "Content-Type: application/sdp\r\n" if body else ""
@@ -192,10 +196,11 @@ class Rig:
         self.layer.receive(parse_message(raw), caller, self.now)
         ev = self.layer.next_event()
         assert isinstance(ev, RequestReceived)
-        targets = [
-            ForkTarget(f"10{i + 1:02d}", f"sip:x@127.0.0.1:{p.port}", p)
-            for i, p in enumerate((phones or PHONES)[:n_targets])
-        ]
+        if targets is None:
+            targets = [
+                ForkTarget(f"10{i + 1:02d}", f"sip:x@127.0.0.1:{p.port}", p)
+                for i, p in enumerate((phones or PHONES)[:n_targets])
+            ]
         lines = [LineRef("1001", Direction.INBOUND, None, "1004", "Dave")]
         pending = self.b2bua.begin_call(
             ev.txn,
@@ -203,7 +208,7 @@ class Rig:
             caller,
             lines=lines,
             caller_from='"Dave" <sip:1004@127.0.0.1>',
-            caller_pai=None,
+            caller_pai=caller_pai,
             targets=targets,
             ring_time=ring_time,
         )
@@ -684,10 +689,52 @@ async def test_forks_are_composed_from_a_template_and_read_back_the_same() -> No
         ours = primed[wire.via.branch]
         assert ours.via == wire.via and ours.cseq == wire.cseq
         assert [n for n, _ in ours.headers] == [n for n, _ in wire.headers]
+    # What went out is the template's wire form: byte for byte the generic rendering.
+    for txn in outstanding:
+        sent = txn.request.to_bytes()
+        assert txn.request.headers.wire is not None
+        plain = Request("INVITE", txn.request.uri, Headers(list(txn.request.headers._items)))
+        plain.body = txn.request.body
+        assert sent == plain.to_bytes()
     # Shared parts are shared, the per-fork ones are not.
     assert len({i.headers.get("from") for i in invites}) == 1
     assert len({i.via.branch for i in invites}) == 3
     assert len({str(i.uri) for i in invites}) == 3
+
+
+@pytest.mark.parametrize("late", [False, True])
+async def test_forks_with_their_own_fields_are_sent_as_the_generic_rendering(late: bool) -> None:
+    """Targets with a To display and History-Info, the service's per-fork hook and an
+    asserted identity: the wire form still equals rendering the entries one by one, and a
+    CR/LF smuggled into any per-fork value is refused, not sent."""
+    rig = Rig()
+    rig.b2bua.fork_headers = lambda call, target: [("X-Line", f"line of {target.party}")]
+    targets = [
+        ForkTarget(
+            f"10{i + 2:02d}", f"sip:x@127.0.0.1:{p.port}", p,
+            headers=(("History-Info", f"<sip:1001@127.0.0.1>;index=1.{i}"),),
+            to=f'"Alice Exec (1001)" <sip:x@127.0.0.1:{p.port}>',
+        )
+        for i, p in enumerate(PHONES[:2])
+    ]  # fmt: skip
+    txn, _ = rig.begin(
+        body=b"" if late else SDP, targets=targets, caller_pai="<sip:1004@127.0.0.1>"
+    )
+    sent = [t.request for t in rig.b2bua._clients]
+    assert len(sent) == 2
+    for request in sent:
+        plain = Request("INVITE", request.uri, Headers(list(request.headers._items)))
+        plain.body = request.body
+        assert request.headers.wire is not None and request.to_bytes() == plain.to_bytes()
+        assert request.headers.get("x-line") and request.headers.get("history-info")
+        assert request.headers.get("p-asserted-identity") == "<sip:1004@127.0.0.1>"
+
+    for bad in (
+        ForkTarget("1009", "sip:x@127.0.0.1:7000", PHONES[3], to="<sip:x@h>\r\nX-Evil: 1"),
+        ForkTarget("1009", "sip:x@127.0.0.1:7000", PHONES[3], headers=(("Subject", "a\nb"),)),
+    ):
+        with pytest.raises(LocalProtocolError):
+            rig.b2bua._fork(rig.b2bua._by_invite[txn], bad, None)
 
 
 # --- payload type numbering (D9) ---------------------------------------------------------------

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from softswitch.sip.errors import LocalProtocolError, MessageTooLarge, ParseError
-from softswitch.sip.headers import Headers
+from softswitch.sip.headers import Headers, render_entries
 from softswitch.sip.message import (
     REASONS,
     Request,
@@ -489,6 +489,39 @@ def test_to_bytes_adds_a_missing_content_length() -> None:
 def test_cr_or_lf_in_a_value_is_refused_on_output(value: str) -> None:
     msg = req(REGISTER)
     msg.headers.set("Subject", value)
+    with pytest.raises(LocalProtocolError):
+        msg.to_bytes()
+
+
+def test_a_composers_wire_form_is_sent_as_is_until_a_field_changes() -> None:
+    msg = req(REGISTER)
+    rendered = msg.to_bytes()
+    entries = list(msg.headers._items)
+    wired = Request(msg.method, msg.uri, Headers(list(entries)), msg.body)
+    wired.headers.set_wire(render_entries(entries), len(msg.body))
+    assert wired.to_bytes() == rendered
+    # what it sends is the composer's text, not a fresh rendering (a marker shows it)...
+    wired.headers.set_wire(render_entries(entries).replace("Phone/1.0", "Phone/9.9"), 0)
+    assert b"Phone/9.9" in wired.to_bytes()
+    # ...only for the body length it was rendered for...
+    wired.body = b"x"
+    assert b"Phone/9.9" not in wired.to_bytes()
+    # ...and a change to the fields drops it
+    wired.body = b""
+    wired.headers.set_wire(render_entries(entries).replace("Phone/1.0", "Phone/9.9"), 0)
+    wired.headers.add("Subject", "s")
+    out = wired.to_bytes()
+    assert b"Phone/9.9" not in out and b"Subject: s\r\n" in out
+
+
+@pytest.mark.parametrize("value", ["a\r\nX-Injected: 1", "a\nb", "a\rb"])
+def test_a_wire_form_is_checked_where_it_is_rendered(value: str) -> None:
+    with pytest.raises(LocalProtocolError):
+        render_entries([("subject", "Subject", value)])
+    # the start line is still checked on output
+    msg = req(REGISTER)
+    msg.headers.set_wire(render_entries(list(msg.headers._items)), len(msg.body))
+    msg.method = "REGISTER" + value
     with pytest.raises(LocalProtocolError):
         msg.to_bytes()
 
