@@ -88,7 +88,6 @@ class LineWriter:
     fatal = failure = err = error = critical = exception = msg
 
 
-
 class JsonLogger:
     """The bound logger of the JSON chain: `_stamp`, `_render` and one write, inline.
 
