@@ -18,7 +18,7 @@ from media.sdp import OriginState, SessionDescription, parse_sdp
 
 from .lines import Direction
 from .sip.dialog import Dialog, new_tag
-from .sip.headers import render_entries
+from .sip.headers import entry, render_entries
 from .sip.message import Request
 from .sip.syntax import ParseCache
 from .sip.transaction import Address, ClientTransaction, ServerTransaction
@@ -358,6 +358,10 @@ class ForkTarget:
     delay: float = 0.0
     headers: tuple[tuple[str, str], ...] = ()  # per-target extras (History-Info, To display)
     to: str = ""  # To header value for this fork
+    # `headers` as `Headers` entries and rendered (checked for CR/LF), once per target: call
+    # set-up keeps the targets it built, so a phone's fields are not rebuilt on every call.
+    entries: tuple[Entry, ...] = ()
+    headers_text: str = ""
 
     def __init__(
         self,
@@ -375,6 +379,9 @@ class ForkTarget:
         object.__setattr__(self, "delay", delay)
         object.__setattr__(self, "headers", headers)
         object.__setattr__(self, "to", to)
+        entries = tuple([entry(name, value) for name, value in headers])
+        object.__setattr__(self, "entries", entries)
+        object.__setattr__(self, "headers_text", render_entries(entries))
 
 
 def sdp_or_none(body: bytes) -> SessionDescription | None:

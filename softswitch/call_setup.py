@@ -104,6 +104,9 @@ class Feature:
 Decision = Refuse | Admit | Feature
 
 
+KNOWN_TARGETS = 4096  # fork targets kept for reuse (`CallSetup._target`)
+
+
 class CallSetup:
     """Decides what happens to a new INVITE. Rebuilt on every config reload."""
 
@@ -114,6 +117,9 @@ class CallSetup:
         self.directory = directory
         self.auth = auth
         self.bindings = bindings
+        # The targets built so far, by everything they are built from (the config is this
+        # object's: a reload starts afresh); emptied when full, like a `ParseCache`.
+        self._known: dict[tuple[str, str, str, str, str, int], ForkTarget] = {}
 
     def decide(
         self,
@@ -261,6 +267,21 @@ class CallSetup:
         return out
 
     def _target(
+        self, route: CallRoute, party: str, contact: str, source: str, delay: int, line_uri: str
+    ) -> ForkTarget:
+        """The fork to one phone. The same phones ring for the same line all day: quoting
+        names and rendering History-Info and Diversion for each was ~10k instructions per
+        fork, so a target is built once and shared (it is frozen)."""
+        key = (route.line, route.line_name, party, contact, source, delay)
+        target = self._known.get(key)
+        if target is None:
+            target = self._new_target(route, party, contact, source, delay, line_uri)
+            if len(self._known) >= KNOWN_TARGETS:
+                self._known.clear()
+            self._known[key] = target
+        return target
+
+    def _new_target(
         self, route: CallRoute, party: str, contact: str, source: str, delay: int, line_uri: str
     ) -> ForkTarget:
         uri = str(parse_name_addr(contact).uri)

@@ -321,9 +321,11 @@ class B2BUA:
         via_text, via = self._via_parts(target.dest)
         to = target.to or f"<{target.uri}>"
         contact = self._contact(target.dest)
-        own = [entry(name, value) for name, value in target.headers]
+        own, own_text = target.entries, target.headers_text
         if self.fork_headers is not None:
-            own += [entry(name, value) for name, value in self.fork_headers(call, target)]
+            extra = tuple([entry(name, value) for name, value in self.fork_headers(call, target)])
+            if extra:
+                own, own_text = own + extra, own_text + render_entries(extra)
         headers = Headers(
             [
                 ("via", "Via", via_text),
@@ -337,10 +339,9 @@ class B2BUA:
             ]
         )
         # The same fields rendered from the template's texts; Via and Contact are ours, To
-        # and the fork's own fields are checked here (`render_entries` checks `own`).
+        # is checked here, the fork's own fields where they were rendered (`render_entries`).
         if "\n" in to or "\r" in to:
             raise LocalProtocolError("CR or LF inside a fork's To")
-        own_text = render_entries(own) if own else ""
         headers.set_wire(  # one f-string: one allocation, where `+` copies at every step
             f"Via: {via_text}\r\n{template.head_text}To: {to}\r\n{template.middle_text}"
             f"Contact: {contact}\r\n{template.common_text}{own_text}{template.tail_text}",

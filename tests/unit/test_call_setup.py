@@ -9,7 +9,7 @@ from softswitch.registrar import Bindings
 from softswitch.sip.digest import Algorithm, DigestAuthenticator, compute_response
 from softswitch.sip.message import Request, parse_message
 from softswitch.sip.transaction import Address
-from softswitch.store import BindingRecord
+from softswitch.store import BindingKey, BindingRecord
 
 NOW = 1_800_000_000.0
 SRC = Address("udp", "127.0.0.1", 5090)
@@ -150,6 +150,24 @@ def test_line_rings_each_phone_once_preferring_the_line_account() -> None:
     carol = next(t for t in d.targets if t.party == "1003")
     assert carol.to.startswith('"Alice Exec (1001)"')
     assert dict(carol.headers)["History-Info"].startswith("<sip:1001@127.0.0.1>;index=1")
+
+
+def test_targets_are_built_once_per_phone_and_again_when_its_contact_changes() -> None:
+    cs = setup()
+    bind(cs, "1001", 6000)
+    bind(cs, "1003", 6004)
+    first = cs.decide(invite(cs, "1001", "1004", "s4"), SRC, NOW)
+    again = cs.decide(invite(cs, "1001", "1004", "s4"), SRC, NOW)
+    assert isinstance(first, Admit) and isinstance(again, Admit)
+    assert [id(t) for t in first.targets] == [id(t) for t in again.targets]
+    cs.bindings.apply(
+        [], [BindingKey("1003", "sip:1003@127.0.0.1:6004")]
+    )  # Carol's phone re-registers elsewhere
+    bind(cs, "1003", 6006)
+    moved = cs.decide(invite(cs, "1001", "1004", "s4"), SRC, NOW)
+    assert isinstance(moved, Admit)
+    carol = next(t for t in moved.targets if t.party == "1003")
+    assert carol.dest.port == 6006 and carol.uri == "sip:1003@127.0.0.1:6006"
 
 
 def test_feature_codes_and_unknown_numbers() -> None:

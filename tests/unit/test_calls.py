@@ -729,12 +729,15 @@ async def test_forks_with_their_own_fields_are_sent_as_the_generic_rendering(lat
         assert request.headers.get("x-line") and request.headers.get("history-info")
         assert request.headers.get("p-asserted-identity") == "<sip:1004@127.0.0.1>"
 
-    for bad in (
-        ForkTarget("1009", "sip:x@127.0.0.1:7000", PHONES[3], to="<sip:x@h>\r\nX-Evil: 1"),
-        ForkTarget("1009", "sip:x@127.0.0.1:7000", PHONES[3], headers=(("Subject", "a\nb"),)),
-    ):
-        with pytest.raises(LocalProtocolError):
-            rig.b2bua._fork(rig.b2bua._by_invite[txn], bad, None)
+    call = rig.b2bua._by_invite[txn]
+    bad = ForkTarget("1009", "sip:x@127.0.0.1:7000", PHONES[3], to="<sip:x@h>\r\nX-Evil: 1")
+    with pytest.raises(LocalProtocolError):
+        rig.b2bua._fork(call, bad, None)
+    with pytest.raises(LocalProtocolError):  # a target's own fields: when it is built
+        ForkTarget("1009", "sip:x@127.0.0.1:7000", PHONES[3], headers=(("Subject", "a\nb"),))
+    rig.b2bua.fork_headers = lambda call, target: [("X-Line", "a\rb")]
+    with pytest.raises(LocalProtocolError):
+        rig.b2bua._fork(call, targets[0], None)
 
 
 # --- payload type numbering (D9) ---------------------------------------------------------------
