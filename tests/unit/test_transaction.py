@@ -14,6 +14,7 @@ from typing import TypeVar
 import pytest
 
 from softswitch.sip.errors import LocalProtocolError
+from softswitch.sip.headers import Headers
 from softswitch.sip.message import Request, Response, new_request, parse_message
 from softswitch.sip.syntax import is_token
 from softswitch.sip.timers import RETRANSMIT_TIMERS, Timer, TimerSettings
@@ -29,6 +30,7 @@ from softswitch.sip.transaction import (
     State,
     Table,
     Transaction,
+    build_ack,
     new_branch,
 )
 from softswitch.sip.transaction_layer import (
@@ -236,6 +238,14 @@ def test_no_retransmissions_on_tcp(layer: TransactionLayer) -> None:
     assert layer.get_timer() is None
 
 
+def test_ack_refuses_a_to_with_cr_or_lf() -> None:
+    invite = request("INVITE", "z9hG4bKcrlf", cseq=7)
+    busy = response_to(invite, 486, to_tag="t")
+    busy.headers.set("To", "<sip:x@y>;tag=t\r\nX-Evil: 1")
+    with pytest.raises(LocalProtocolError):
+        build_ack(invite, busy)
+
+
 # --- INVITE client: ACK for non-2xx, RFC 6026 Accepted --------------------------------------
 
 
@@ -260,6 +270,8 @@ def test_ack_for_486_and_reack_on_retransmission(layer: TransactionLayer) -> Non
     assert ack.headers.get_all("route") == ["<sip:p1.example.com;lr>", "<sip:p2.example.com;lr>"]
     assert ack.max_forwards == 70
     assert ack.headers.get("content-length") == "0" and ack.body == b""
+    # sent as rendered by build_ack: byte for byte the generic rendering of its fields
+    assert ack_bytes == Request("ACK", ack.uri, Headers(list(ack.headers._items))).to_bytes()
     assert [type(e) for e in events(layer)] == [ResponseReceived, ResponseReceived]
 
     layer.receive(busy, PEER, 2.5)  # the server did not get our ACK
