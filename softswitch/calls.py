@@ -548,16 +548,21 @@ class B2BUA:
 
     def _send_cancel(self, leg: Leg, reason: str | None) -> None:
         invite = invite_of(leg)
-        headers = Headers()
-        headers.add("Via", invite.headers.get("via") or "")
-        headers.add("Max-Forwards", "70")
-        headers.add("From", invite.headers.get("from") or "")
-        headers.add("To", invite.headers.get("to") or "")
-        headers.add("Call-ID", invite.call_id)
-        headers.add("CSeq", f"{invite.cseq.seq} CANCEL")
+        h = invite.headers
+        entries = [
+            ("via", "Via", h.get("via") or ""),
+            ("max-forwards", "Max-Forwards", "70"),
+            ("from", "From", h.get("from") or ""),
+            ("to", "To", h.get("to") or ""),
+            ("call-id", "Call-ID", invite.call_id),
+            ("cseq", "CSeq", f"{invite.cseq.seq} CANCEL"),
+        ]
         reason = reason or leg.cancel_reason
         if reason:
-            headers.add("Reason", reason)
+            entries.append(entry("Reason", reason))
+        entries.append(("content-length", "Content-Length", "0"))
+        headers = Headers(entries)
+        headers.set_wire(render_entries(entries), 0)  # an answered 16-way fork cancels 15
         self.layer.send_request(Request("CANCEL", invite.uri, headers), leg.dest, self._now())
 
     # --- in-dialog requests -----------------------------------------------------------------

@@ -123,7 +123,11 @@ class Rig:
 
     def flush(self) -> None:
         for data, dest in self.layer.datagrams_to_send():
-            self.sent.append((parse_message(data), dest))
+            msg = parse_message(data)
+            # What a composer rendered itself (`Headers.set_wire`: forks, ACKs, CANCELs) is
+            # what the generic rendering of the same fields gives.
+            assert msg.to_bytes() == data
+            self.sent.append((msg, dest))
         while (ev := self.layer.next_event()) is not None:
             if isinstance(ev, ResponseReceived):
                 self.b2bua.on_response(ev.txn, ev.response)
