@@ -196,8 +196,8 @@ class LineBus:
             "line_event",
             line=event.line,
             call=event.call_id,
-            state=event.state.value,
-            direction=event.direction.value,
+            state=event.state,  # StrEnums: written as their text (`.value` is interpreted)
+            direction=event.direction,
             party=event.party,
             remote=event.remote,
             reason=event.reason,

@@ -136,6 +136,10 @@ def test_a_line_built_field_by_field_is_the_encoders_text() -> None:
         "ratio": 0.1,
         "stats": {"a_to_b": {"rtp_packets": 3}, "b": [1, "x", None]},
         "state": State.HELD,
+        "forks": [{"party": "1002", "dest": "udp:127.0.0.1:5070"}, {"party": 'q"'}],
+        "empty": [],
+        "long": [{"party": str(n)} for n in range(16)],
+        "nested": [[1, 2.5], {"k": (1, 2)}, State.HELD, {1: "int key"}],
         "event": "call_media",
     }
     flat = logline.flat_line(dict(fields), "info")
