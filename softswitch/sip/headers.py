@@ -524,7 +524,62 @@ def parse_name_addr(text: str) -> NameAddr:
     return _NAME_ADDRS(text)
 
 
+# The characters of `_NAME_ADDR`'s unquoted display name: tokens and the LWS between them.
+_DISPLAY_TOKEN_CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-.!%*_+`'~ \t"
+
+
 def _parse_name_addr(text: str) -> NameAddr:
+    plain = _plain_name_addr(text)
+    return plain if plain is not None else _grammar_name_addr(text)
+
+
+def _plain_name_addr(text: str) -> NameAddr | None:
+    """The name-addr as `_grammar_name_addr` reads it, for the usual shapes; None otherwise.
+
+    `<uri>`, `"Name" <uri>` or `Name <uri>`, then nothing or `;params`, with no whitespace
+    where the grammar would have to skip it: what phones and SIPp send. A registration's
+    From, To and Contact are new to the cache on a phone's first REGISTER, and the pattern
+    cost ~5,000 instructions more than these string methods (1 % of a registration,
+    callgrind). Everything else (escapes in the quotes, LWS before the URI or the
+    parameters, addr-specs) goes to the grammar, which also words the errors.
+    """
+    if text.startswith('"'):
+        q = text.find('"', 1)
+        if q < 0:
+            return None
+        quoted = text[1:q]
+        if "\\" in quoted:
+            return None
+        display: str | None = quoted
+        lt = q + 2 if text.startswith(" <", q + 1) else q + 1
+    else:
+        lt = text.find("<")
+        if lt < 0 or text[:lt].strip(_DISPLAY_TOKEN_CHARS):
+            return None
+        display = " ".join(text[:lt].split()) or None
+    if not text.startswith("<", lt):
+        return None
+    gt = text.find(">", lt)
+    if gt < 0:
+        return None
+    uri_text = text[lt + 1 : gt]
+    if (
+        not uri_text
+        or not uri_text.isprintable()  # no control characters or Unicode spaces
+        or " " in uri_text
+        or '"' in uri_text
+        or "<" in uri_text
+    ):
+        return None
+    rest = text[gt + 1 :]
+    if rest and not rest.startswith(";"):
+        return None
+    uri = parse_uri(uri_text)  # before the parameters: the grammar's order of errors
+    params = tuple(parse_params(rest[1:], "header")) if rest else ()
+    return NameAddr(uri, display, params)
+
+
+def _grammar_name_addr(text: str) -> NameAddr:
     m = _NAME_ADDR.fullmatch(text)
     if m is not None:
         quoted, tokens, uri_text, param_text = m.groups()

@@ -529,3 +529,53 @@ def test_plain_via_agrees_with_the_grammar_fuzzed() -> None:
         if rng.random() < 0.7:
             text = "SIP/2.0/UDP " + text
         assert _outcome(headers._parse_via, text) == _outcome(headers._grammar_via, text), text
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "<sip:1001@127.0.0.1>",
+        "<sip:1001@127.0.0.1:5060;transport=udp>;tag=abc;expires=60",
+        '"Alice Exec" <sip:1001@127.0.0.1>;tag=1',
+        '"Alice Exec"<sip:1001@127.0.0.1>',
+        '""  <sip:a@b>',
+        '"" <sip:a@b>',
+        '"a\\"b" <sip:a@b>',
+        "sipp <sip:sipp@127.0.0.1:5061>;tag=1",
+        "  Bob  the Phone <sip:b@h>",
+        "Bob, Jr <sip:b@h>",
+        "<sip:a@b> ;tag=1",
+        "<sip:a@b>;",
+        "<sip:a@b>;;x",
+        "<sip:a@b>x",
+        "<sip:a b@h>",
+        "<sip:a\u3000b@h>",
+        "<sip:a\x1cb@h>",
+        "<>",
+        "<sip:a@b",
+        '"unterminated <sip:a@b>',
+        "sip:a@b;tag=1",
+        '<sip:a@b;lr>;tag="q"',
+        "<sip:a@b>;tag=1 ",
+        "<tel:+15550101001>",
+        "<sip:a@[::1]:5060>",
+    ],
+)
+def test_plain_name_addr_agrees_with_the_grammar(text: str) -> None:
+    assert _outcome(headers._parse_name_addr, text) == _outcome(headers._grammar_name_addr, text)
+
+
+def test_plain_name_addr_agrees_with_the_grammar_fuzzed() -> None:
+    rng = random.Random(7044)
+    pieces = ['"', "Alice", " ", "\t", "<", ">", "sip:", "a@h", ":5060", ";", "tag=1", "=",
+              "\\", ",", "é", "\u3000", "@", "tel:+1", "lr", "\x00"]  # fmt: skip
+    for _ in range(20_000):
+        noise = "".join(rng.choice(pieces) for _ in range(rng.randrange(0, 4)))
+        # mostly the shapes the fast path takes, with noise in one of their parts
+        parts = [rng.choice(['"A B" ', '"A B"', "x ", "", "A  B\t"]), "<",
+                 rng.choice(["sip:a@h", "sip:a@h:1;lr", "tel:+1"]), ">",
+                 rng.choice(["", ";tag=1", ";tag=1;x", ";e=60"])]  # fmt: skip
+        at = rng.randrange(0, len(parts) + 1)
+        text = "".join(parts[:at]) + noise + "".join(parts[at:])
+        got = _outcome(headers._parse_name_addr, text)
+        assert got == _outcome(headers._grammar_name_addr, text), text
