@@ -285,7 +285,7 @@ class B2BUA:
         )
         if call.late:
             log.info("call_late_offer", call=call.id, call_id=req.call_id)
-        self._later(t0, launch.ring_time, lambda: self._ring_timeout(call))
+        self._later(t0, launch.ring_time, _bind(self._ring_timeout_of, call.id))
         self._publish(call, CallState.RINGING)
         self.flush()
 
@@ -399,6 +399,9 @@ class B2BUA:
                 self._on_answer(leg, txn, resp)
             else:
                 self._on_fork_failed(leg, resp.status)
+                # An ended fork's INVITE is never read again (it is neither cancelled nor
+                # answered): the transaction need not keep it through Timer D.
+                self.layer.release_request(txn)
         self.flush()
         return True
 
@@ -496,6 +499,13 @@ class B2BUA:
         call.outstanding -= 1
         if call.b is None and not call.ended and call.outstanding <= 0:
             self._fail_call(call, _aggregate(call.failures), "no answer")
+
+    def _ring_timeout_of(self, call_id: str) -> None:
+        """The ring timer holds the call's id, not the call: an ended call is freed at once,
+        not when its ring time runs out (30 s of each call's objects for the GC to walk)."""
+        call = self.calls.get(call_id)
+        if call is not None:
+            self._ring_timeout(call)
 
     def _ring_timeout(self, call: Call) -> None:
         if call.b is not None or call.ended:

@@ -480,6 +480,17 @@ class TransactionLayer:
         self._heap.cancel_all(txn)
         txn._wire = None
 
+    def release_request(self, txn: ClientTransaction) -> None:
+        """Let go of a finished client INVITE transaction's request (its TU is done with it).
+
+        After a 3xx-6xx the transaction waits out Timer D (32 s) only to answer retransmitted
+        finals with the ACK it keeps as bytes; the parsed INVITE (request, headers, their
+        lists, dicts and Via) would stay alive as long, a dozen objects of each fork for the
+        cyclic GC to walk again and again. Only once the state machine is past its last use.
+        """
+        if txn.state in (State.COMPLETED, State.TERMINATED) and txn.method == "INVITE":
+            txn._request = None
+
     def _do_release_request(self, txn: Transaction, ctx: _Context) -> None:
         txn._request = None
 

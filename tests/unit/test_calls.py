@@ -6,6 +6,7 @@ and parsed, and phones' answers are fed in as parsed responses.
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any
@@ -14,7 +15,7 @@ import pytest
 
 from media.bridge import BridgeStats, FlowStats
 from media.ptmap import PtMaps
-from softswitch.call_model import ForkTarget, LineRef
+from softswitch.call_model import Call, ForkTarget, LineRef
 from softswitch.calls import B2BUA
 from softswitch.lines import CallState, Direction, LineBus, LineEvent
 from softswitch.sip.errors import LocalProtocolError
@@ -250,6 +251,27 @@ async def test_first_answer_wins_and_the_others_are_cancelled_with_reason() -> N
     assert rig.media.bridges == [(30002, 30004)]
     assert [e.state for e in rig.events] == [CallState.RINGING, CallState.ACTIVE]
     assert rig.events[-1].party == "1002"
+
+
+async def test_an_ended_call_and_its_failed_forks_are_let_go() -> None:
+    """Nothing keeps a finished call's objects for the GC to walk: the ring timer holds the
+    call's id, not the call, and a fork's transaction drops its INVITE after a 486 (it keeps
+    only the ACK's bytes through Timer D)."""
+    rig = Rig()
+    await rig.invite(2)
+    txns = list(rig.b2bua._clients)
+    call_id = next(iter(rig.b2bua.calls))
+    for i, phone in enumerate(PHONES[:2]):
+        rig.answer(phone, 486, f"t{i}")
+    assert len(rig.take(CALLER, "486")) == 1 and call_id not in rig.b2bua.calls
+    for txn in txns:
+        with pytest.raises(LocalProtocolError):
+            txn.request  # noqa: B018  (released)
+    assert rig.b2bua._timers  # the ring timer is still armed...
+    gc.collect()
+    assert not [o for o in gc.get_objects() if type(o) is Call and o.id == call_id]  # ...alone
+    rig.advance(31)  # and firing finds no call to fail again
+    assert not rig.b2bua._timers and rig.events[-1].state != CallState.RINGING
 
 
 async def test_cancel_waits_for_a_provisional_response() -> None:

@@ -238,6 +238,22 @@ def test_no_retransmissions_on_tcp(layer: TransactionLayer) -> None:
     assert layer.get_timer() is None
 
 
+def test_a_client_invite_releases_its_request_only_once_finished(
+    layer: TransactionLayer,
+) -> None:
+    invite = request("INVITE", layer.new_branch(), cseq=7)
+    txn = layer.send_request(invite, PEER, 0.0)
+    layer.release_request(txn)  # still calling: kept (a CANCEL would need it)
+    assert txn.request is invite
+    layer.receive(response_to(invite, 486, to_tag="b"), PEER, 0.5)
+    [(ack, _)] = layer.datagrams_to_send()[-1:]
+    layer.release_request(txn)
+    with pytest.raises(LocalProtocolError):
+        txn.request  # noqa: B018
+    layer.receive(response_to(invite, 486, to_tag="b"), PEER, 1.0)  # a retransmitted final
+    assert layer.datagrams_to_send() == [(ack, PEER)]  # ACKed again from the kept bytes
+
+
 def test_ack_refuses_a_to_with_cr_or_lf() -> None:
     invite = request("INVITE", "z9hG4bKcrlf", cseq=7)
     busy = response_to(invite, 486, to_tag="t")
