@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import random
-import time
 from pathlib import Path
 
 import pytest
@@ -755,11 +754,8 @@ def mutate(rng: random.Random, data: bytes) -> bytes:
 def test_fuzz_only_parse_error_escapes() -> None:
     corpus = [p.read_bytes() for p in sorted(RFC4475.glob("*.dat"))] + [REGISTER, INVITE]
     rng = random.Random(4475)
-    deadline = time.monotonic() + 4.0
     parsed = 0
-    for i in range(4000):
-        if time.monotonic() > deadline:
-            break
+    for i in range(4000):  # a fixed count, not a time budget: the same cases on any machine
         data = mutate(rng, rng.choice(corpus))
         try:
             msg = parse_message(data, stream=i % 4 == 0)
