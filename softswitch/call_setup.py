@@ -27,7 +27,7 @@ from .sip.digest import DigestAuthenticator, Verdict, parse_authorization
 from .sip.errors import ParseError
 from .sip.headers import parse_name_addr
 from .sip.message import Request
-from .sip.syntax import quote
+from .sip.syntax import ParseCache, quote
 from .sip.transaction import Address
 
 
@@ -104,7 +104,8 @@ class Feature:
 Decision = Refuse | Admit | Feature
 
 
-KNOWN_TARGETS = 4096  # fork targets kept for reuse (`CallSetup._target`)
+# What a fork target is built from: line, line name, party, contact, source, ring delay.
+TargetKey = tuple[str, str, str, str, str, int]
 
 
 class CallSetup:
@@ -118,8 +119,8 @@ class CallSetup:
         self.auth = auth
         self.bindings = bindings
         # The targets built so far, by everything they are built from (the config is this
-        # object's: a reload starts afresh); emptied when full, like a `ParseCache`.
-        self._known: dict[tuple[str, str, str, str, str, int], ForkTarget] = {}
+        # object's: a reload starts afresh).
+        self._known: ParseCache[TargetKey, ForkTarget] = ParseCache(self._new_target, 4096)
 
     def decide(
         self,
@@ -245,9 +246,7 @@ class CallSetup:
 
     def _targets(self, route: CallRoute, now: float) -> list[ForkTarget]:
         """Contacts to ring: the line's own bindings first, then each target's, one per phone."""
-        domain = self.cfg.domain
         wanted = {t.extension: t for t in route.targets}
-        line_uri = f"<sip:{route.line}@{domain}>"
         out: list[ForkTarget] = []
         seen: set[str] = set()
         for b in self.bindings.current(route.line, now):
@@ -255,45 +254,36 @@ class CallSetup:
             if party not in wanted or b.source in seen:
                 continue
             seen.add(b.source)
-            out.append(
-                self._target(route, party, b.contact, b.source, wanted[party].delay, line_uri)
-            )
+            out.append(self._target(route, party, b.contact, b.source, wanted[party].delay))
         for t in route.targets:
             for b in self.bindings.current(t.extension, now):
                 if b.source in seen:
                     continue
                 seen.add(b.source)
-                out.append(self._target(route, t.extension, b.contact, b.source, t.delay, line_uri))
+                out.append(self._target(route, t.extension, b.contact, b.source, t.delay))
         return out
 
     def _target(
-        self, route: CallRoute, party: str, contact: str, source: str, delay: int, line_uri: str
+        self, route: CallRoute, party: str, contact: str, source: str, delay: int
     ) -> ForkTarget:
         """The fork to one phone. The same phones ring for the same line all day: quoting
         names and rendering History-Info and Diversion for each was ~10k instructions per
         fork, so a target is built once and shared (it is frozen)."""
-        key = (route.line, route.line_name, party, contact, source, delay)
-        target = self._known.get(key)
-        if target is None:
-            target = self._new_target(route, party, contact, source, delay, line_uri)
-            if len(self._known) >= KNOWN_TARGETS:
-                self._known.clear()
-            self._known[key] = target
-        return target
+        return self._known((route.line, route.line_name, party, contact, source, delay))
 
-    def _new_target(
-        self, route: CallRoute, party: str, contact: str, source: str, delay: int, line_uri: str
-    ) -> ForkTarget:
-        uri = str(parse_name_addr(contact).uri)
+    def _new_target(self, key: TargetKey) -> ForkTarget:
+        line, line_name, party, contact, source, delay = key
         domain = self.cfg.domain
-        if party == route.line:
-            to = f"{quote(route.line_name)} {line_uri}"
+        line_uri = f"<sip:{line}@{domain}>"
+        uri = str(parse_name_addr(contact).uri)
+        if party == line:
+            to = f"{quote(line_name)} {line_uri}"
             return ForkTarget(party, uri, contact_dest(source), delay, (), to)
         # A delegate's phone: show the line that rings, and why (RFC 7044, RFC 5806).
-        to = f"{quote(f'{route.line_name} ({route.line})')} {line_uri}"
+        to = f"{quote(f'{line_name} ({line})')} {line_uri}"
         headers = (
             ("History-Info", f"{line_uri};index=1, <sip:{party}@{domain}>;index=1.1;mp=1"),
-            ("Diversion", f"{quote(route.line_name)} {line_uri};reason=unconditional;counter=1"),
+            ("Diversion", f"{quote(line_name)} {line_uri};reason=unconditional;counter=1"),
         )
         return ForkTarget(party, uri, contact_dest(source), delay, headers, to)
 

@@ -285,7 +285,7 @@ class B2BUA:
         )
         if call.late:
             log.info("call_late_offer", call=call.id, call_id=req.call_id)
-        self._later(t0, launch.ring_time, _bind(self._ring_timeout_of, call.id))
+        self._later(t0, launch.ring_time, _bind(self._ring_timeout, call.id))
         self._publish(call, CallState.RINGING)
         self.flush()
 
@@ -500,15 +500,11 @@ class B2BUA:
         if call.b is None and not call.ended and call.outstanding <= 0:
             self._fail_call(call, _aggregate(call.failures), "no answer")
 
-    def _ring_timeout_of(self, call_id: str) -> None:
+    def _ring_timeout(self, call_id: str) -> None:
         """The ring timer holds the call's id, not the call: an ended call is freed at once,
         not when its ring time runs out (30 s of each call's objects for the GC to walk)."""
         call = self.calls.get(call_id)
-        if call is not None:
-            self._ring_timeout(call)
-
-    def _ring_timeout(self, call: Call) -> None:
-        if call.b is not None or call.ended:
+        if call is None or call.b is not None or call.ended:
             return
         self._fail_call(call, 480, "timeout")
         self.flush()

@@ -83,7 +83,7 @@ def blind_transfer(
     log.info("call_transfer", call=old.id, to_call=t.id, by=x.party, kind="blind")
     for target in targets:
         self._fork(t, target, caller_pai)
-    self._later(self._now(), ring_time, lambda: self._ring_timeout(t))
+    self._later(self._now(), ring_time, lambda: self._ring_timeout(t.id))
     self._publish(t, CallState.RINGING)
     self.flush()
 

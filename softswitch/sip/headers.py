@@ -226,7 +226,7 @@ class Headers:
         return None
 
     def serialize(self) -> str:
-        return "".join([f"{name}: {value}\r\n" for _, name, value in self._items])
+        return _lines(self._items)
 
 
 def split_list(values: list[str]) -> list[str]:
@@ -251,6 +251,10 @@ def render_entries(entries: tuple[tuple[str, str, str], ...] | list[tuple[str, s
     for _, _, value in entries:
         if "\n" in value or "\r" in value:
             raise LocalProtocolError("CR or LF inside a header value")
+    return _lines(entries)
+
+
+def _lines(entries: tuple[tuple[str, str, str], ...] | list[tuple[str, str, str]]) -> str:
     return "".join([f"{name}: {value}\r\n" for _, name, value in entries])
 
 

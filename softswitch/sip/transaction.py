@@ -23,7 +23,7 @@ from random import Random
 from typing import ClassVar, NamedTuple, TypeAlias
 
 from .errors import LocalProtocolError
-from .headers import Headers, Via
+from .headers import Headers, Via, render_entries
 from .message import Request, Response
 from .randoms import token_urlsafe
 from .timers import Timer, TimerOwner
@@ -365,18 +365,15 @@ def build_ack(request: Request, response: Response) -> Request:
         top_via = request.headers.get_all("via")[0]
     entries = [("via", "Via", top_via), ("max-forwards", "Max-Forwards", "70")]
     entries += [e for e in items if e[0] == "route"]
-    to = response.headers.get("to") or ""
     entries += [
         ("from", "From", request.headers.get("from") or ""),
-        ("to", "To", to),
+        ("to", "To", response.headers.get("to") or ""),
         ("call-id", "Call-ID", request.call_id),
         ("cseq", "CSeq", f"{request.cseq.seq} ACK"),
         ("content-length", "Content-Length", "0"),
     ]
     headers = Headers(entries)
-    # Every value but To was in the INVITE, checked for CR/LF when it was sent; a 16-way
-    # fork's 15 or 16 ACKs (487 after CANCEL, 486) are rendered here at a fifth of the cost.
-    if "\n" in to or "\r" in to:
-        raise LocalProtocolError("CR or LF inside the To of a response to our INVITE")
-    headers.set_wire("".join([f"{name}: {value}\r\n" for _, name, value in entries]), 0)
+    # Rendered (and checked for CR/LF) here: a 16-way fork's 15 or 16 ACKs (487 after
+    # CANCEL, 486) at a fifth of the generic rendering's cost.
+    headers.set_wire(render_entries(entries), 0)
     return Request("ACK", request.uri, headers)
