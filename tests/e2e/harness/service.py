@@ -236,8 +236,19 @@ class SoftswitchService:
         except (SipTimeout, OSError, ValueError):
             return False
 
+    def started(self) -> bool:
+        """True once the latest start logged `service_started`: every listener is bound.
+
+        OPTIONS over UDP alone is not enough: the UDP endpoint serves as soon as it is bound,
+        while the TCP listener is still being set up, and a TCP test that connected in that
+        gap was refused (once in CI).
+        """
+        text = self.stderr_path.read_text(errors="replace") if self.stderr_path.exists() else ""
+        return '"event":"service_started"' in text.rsplit("----- harness: start #", 1)[-1]
+
     def wait_ready(self, timeout: float = 10.0) -> None:
-        """Poll OPTIONS every 50 ms until 200; fail fast if the process exits."""
+        """Poll OPTIONS every 50 ms until 200 and the start is logged as complete; fail fast
+        if the process exits."""
         deadline = time.monotonic() + timeout
         while True:
             code = self.proc.poll() if self.proc else None
@@ -245,12 +256,12 @@ class SoftswitchService:
                 raise ServiceError(
                     f"{self.name} exited with code {code} before it was ready\n{self.log_tail()}"
                 )
-            if self.probe(timeout=0.2):
+            if self.probe(timeout=0.2) and self.started():
                 return
             if time.monotonic() >= deadline:
                 raise ServiceError(
                     f"{self.name} did not answer OPTIONS sip:{LOOPBACK}:{self.config.sip_port} "
-                    f"with 200 within {timeout:.0f}s\n{self.log_tail()}"
+                    f"with 200 and log service_started within {timeout:.0f}s\n{self.log_tail()}"
                 )
             time.sleep(0.05)
 
